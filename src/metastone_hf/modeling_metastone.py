@@ -1,0 +1,475 @@
+"""MetaStone-S1: a causal LM whose backbone also feeds a self-supervised process reward model (SPRM) head.
+
+The model is *flat* (``model``, ``lm_head``, ``sprm_head``) so its backbone tensor names equal those of
+``Qwen2ForCausalLM`` and any Qwen/Llama-style checkpoint loads as is.
+
+Self-contained on purpose: this file is copied into every saved checkpoint and imports only ``torch``,
+``transformers`` and its sibling files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+from .configuration_metastone import MetaStoneConfig
+
+# --------------------------------------------------------------------------------------------------
+# The step mask: one function, used by scoring, generation and training.
+# --------------------------------------------------------------------------------------------------
+
+
+def sprm_step_token_mask(
+    input_ids: torch.Tensor,
+    step_token_ids: Sequence[int] | torch.Tensor,
+    think_start_token_id: int | None,
+    think_end_token_id: int | None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mark the step tokens that end a scored reasoning step (the official MetaStone-S1 semantics).
+
+    A position ``t`` is marked when ``input_ids[t]``:
+
+    1. is one of ``step_token_ids``;
+    2. is the first of a run of consecutive step tokens;
+    3. does not come right after ``<think>``;
+    4. lies after the first ``<think>`` and before the last ``</think>`` (no ``</think>``: up to the end).
+
+    Rows without a ``<think>`` token, and every row when ``think_start_token_id`` is ``None``, are scored
+    from their first token (the documented fallback for tokenizers without a thinking span). Padding
+    (``attention_mask == 0``) is never a step and never breaks or joins a run; a step token that is the first
+    real token of its row is dropped, since no position precedes it to read its score from.
+
+    Args:
+        input_ids: ``[B, T]`` token ids (left or right padded).
+        step_token_ids: ids that end a step (``[382]`` for Qwen2 tokenizers).
+        think_start_token_id / think_end_token_id: ids of ``<think>`` / ``</think>``, or ``None``.
+        attention_mask: ``[B, T]``, 1 for real tokens.
+
+    Returns:
+        ``[B, T]`` bool mask of step-token positions. The *score* of a step is read one position
+        earlier; see [`sprm_score_mask`].
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
+    step_ids = torch.as_tensor(step_token_ids, device=input_ids.device, dtype=input_ids.dtype).reshape(-1)
+    is_step = torch.isin(input_ids, step_ids) & valid
+    previous_is_step = F.pad(is_step[:, :-1], (1, 0), value=False)
+    previous_is_real = F.pad(valid[:, :-1], (1, 0), value=False)
+    # A step token that is the first real token has no position before it to read a score from.
+    keep = is_step & ~previous_is_step & previous_is_real
+
+    if think_start_token_id is not None:
+        is_start = (input_ids == think_start_token_id) & valid
+        previous_is_start = F.pad(is_start[:, :-1], (1, 0), value=False)
+        keep &= ~previous_is_start
+        after_first_start = is_start.cumsum(dim=1) > 0
+        row_has_start = is_start.any(dim=1, keepdim=True)
+        keep &= after_first_start | ~row_has_start
+    if think_end_token_id is not None:
+        is_end = (input_ids == think_end_token_id) & valid
+        ends_at_or_after = is_end.flip(1).cumsum(dim=1).flip(1) > 0
+        row_has_end = is_end.any(dim=1, keepdim=True)
+        keep &= ends_at_or_after | ~row_has_end
+    return keep
+
+
+def sprm_score_mask(step_token_mask: torch.Tensor) -> torch.Tensor:
+    """Positions whose SPRM logit scores a step: the position just before each kept step token."""
+    return F.pad(step_token_mask[:, 1:], (0, 1), value=False)
+
+
+def sprm_trajectory_log_scores(step_logits: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+    """Log of the geometric mean of the step scores, ``mean(logsigmoid(z))`` over the masked positions.
+
+    Computed in float32 log space, so thousands of steps in bf16 never underflow. A trajectory with no
+    step gets ``-inf`` (score 0): it ranks below every trajectory that has steps.
+    """
+    log_probs = F.logsigmoid(step_logits.float()).masked_fill(~score_mask, 0.0)
+    counts = score_mask.sum(dim=-1)
+    mean = log_probs.sum(dim=-1) / counts.clamp(min=1)
+    return mean.masked_fill(counts == 0, float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetaStoneCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Causal-LM output plus the SPRM head's logits from the same forward pass.
+
+    Args:
+        sprm_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions)`):
+            SPRM logit at every position kept by ``logits_to_keep``: the logit at ``t`` is the step score
+            if token ``t + 1`` ends a step. ``sigmoid`` gives the score.
+        sprm_score_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions whose logit scores a step (official step mask), when the whole sequence was given as
+            ``input_ids`` (no cache prefix) and all positions were kept.
+    """
+
+    sprm_logits: torch.FloatTensor | None = None
+    sprm_score_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class SPRMScores(ModelOutput):
+    """Result of [`MetaStoneForCausalLMWithSPRM.score_trajectories`].
+
+    Args:
+        scores: ``[B]`` trajectory scores, the geometric mean of the step scores (0 for no step).
+        log_scores: ``[B]`` their logs (``-inf`` for no step).
+        step_scores: per trajectory, a 1-D tensor of ``sigmoid`` step scores in order.
+        step_logits: per trajectory, the raw step logits.
+        step_positions: per trajectory, the positions whose hidden state scored each step (one before the
+            step token).
+        num_steps: ``[B]`` number of steps.
+    """
+
+    scores: torch.Tensor | None = None
+    log_scores: torch.Tensor | None = None
+    step_scores: list[torch.Tensor] | None = None
+    step_logits: list[torch.Tensor] | None = None
+    step_positions: list[torch.Tensor] | None = None
+    num_steps: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+
+
+class MetaStoneSPRMHead(nn.Sequential):
+    """``Linear(d, m*d) -> ReLU -> Dropout(p) -> Linear(m*d, 1)``: one logit per position.
+
+    An ``nn.Sequential`` so its parameter names (``0.weight``, ``0.bias``, ``3.weight``, ``3.bias``) equal the
+    official ``score_module.pt``. Parameters: ``2 m d^2 ... = 2d^2 + 4d + 1`` for ``m = 2``.
+    """
+
+    def __init__(self, hidden_size: int, multiplier: int = 2, dropout: float = 0.5):
+        width = hidden_size * multiplier
+        super().__init__(nn.Linear(hidden_size, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(features).squeeze(-1)
+
+
+class MetaStonePreTrainedModel(PreTrainedModel):
+    config_class = MetaStoneConfig
+    config: MetaStoneConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
+    """Policy LM and SPRM head on one backbone.
+
+    ``forward`` returns the usual causal-LM output plus ``sprm_logits`` computed from the feature layer of
+    the *same* forward pass (a forward hook keeps only that layer's output, never all hidden states).
+    ``generate`` without Best-of-N arguments is exactly transformers' ``generate``.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MetaStoneConfig):
+        super().__init__(config)
+        self.model = AutoModel.from_config(config.text_config)
+        self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
+        text = config.text_config
+        self.vocab_size = text.vocab_size
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.sprm_head = MetaStoneSPRMHead(text.hidden_size, config.sprm_hidden_multiplier, config.sprm_dropout)
+        # transformers records one auto class per model class; AutoModel must resolve to this class too.
+        auto_map = dict(getattr(config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModel", "modeling_metastone.MetaStoneForCausalLMWithSPRM")
+        config.auto_map = auto_map
+        self.post_init()
+
+    # ------------------------------------------------------------------ plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    @property
+    def sprm_feature_module(self) -> nn.Module:
+        """The module whose output feeds the head: ``model.layers[index - 1]``, or the final norm for ``-1``."""
+        index = self.config.feature_layer_index()
+        if index == self.config.text_config.num_hidden_layers:
+            return self.model.norm
+        return self.model.layers[index - 1]
+
+    @contextlib.contextmanager
+    def capture_sprm_features(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the feature-layer output of every forward run inside the block (a forward hook).
+
+        This is how training reads the head's features from the policy's own forward (e.g. TRL's fused
+        log-prob path) without a second pass. With gradient checkpointing the layer runs again during
+        backward and the hook fires again; read the features before calling ``backward``.
+        """
+        captured: list[torch.Tensor] = []
+        module = self.sprm_feature_module
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def sprm_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Head logits ``[...]`` for features ``[..., d]`` (the head runs in its own parameter dtype)."""
+        head_dtype = self.sprm_head[0].weight.dtype
+        return self.sprm_head(features.to(head_dtype))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Any | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_sprm_logits: bool = True,
+        **kwargs: Any,
+    ) -> MetaStoneCausalLMOutputWithPast:
+        r"""Causal-LM forward plus SPRM logits.
+
+        Args:
+            return_sprm_logits: compute the head on the positions kept by ``logits_to_keep`` (default). The
+                head is ~0.4% of a 7B forward; turn it off for pure LM work.
+            Other arguments: as ``Qwen2ForCausalLM.forward``.
+        """
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        with contextlib.ExitStack() as stack:
+            captured = stack.enter_context(self.capture_sprm_features()) if return_sprm_logits else None
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        sprm_logits = score_mask = None
+        if return_sprm_logits:
+            sprm_logits = self.sprm_logits_from_features(slice_logits_to_keep(captured[-1], logits_to_keep))
+            all_positions_kept = isinstance(logits_to_keep, int) and logits_to_keep == 0
+            if input_ids is not None and all_positions_kept and _no_cached_prefix(outputs.cache, input_ids):
+                score_mask = self.sprm_score_mask(input_ids, attention_mask)
+
+        return MetaStoneCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            sprm_logits=sprm_logits,
+            sprm_score_mask=score_mask,
+        )
+
+    # ------------------------------------------------------------------ scoring
+    def sprm_score_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` positions whose SPRM logit scores a step, with this model's step/think token ids."""
+        step_mask = sprm_step_token_mask(
+            input_ids,
+            self.config.step_token_ids,
+            self.config.think_start_token_id,
+            self.config.think_end_token_id,
+            attention_mask,
+        )
+        return sprm_score_mask(step_mask)
+
+    @torch.no_grad()
+    def score_trajectories(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> SPRMScores:
+        """Score whole trajectories (prompt + completion) with the SPRM head in one forward each.
+
+        Works with left or right padding; batched results equal one-by-one results. The head always runs
+        without dropout here, whatever the model's train/eval mode.
+
+        Args:
+            input_ids: ``[B, T]`` or ``[T]`` token ids.
+            attention_mask: ``[B, T]``, 1 for real tokens; defaults to all ones.
+            batch_size: score at most this many rows per forward (memory bound); default all at once.
+        """
+        if input_ids.ndim == 1:
+            input_ids = input_ids.unsqueeze(0)
+            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"`input_ids` must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape {tuple(input_ids.shape)}."
+            )
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        chunk = batch_size or input_ids.shape[0]
+        logits_chunks = []
+        with _eval_mode(self):
+            for start in range(0, input_ids.shape[0], chunk):
+                ids = input_ids[start : start + chunk]
+                mask = attention_mask[start : start + chunk]
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                with self.capture_sprm_features() as captured:
+                    self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                logits_chunks.append(self.sprm_logits_from_features(captured[-1]).float())
+        step_logits = torch.cat(logits_chunks, dim=0)
+        score_mask = self.sprm_score_mask(input_ids, attention_mask)
+        return build_sprm_scores(step_logits, score_mask)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str | PreTrainedModel,
+        tokenizer: Any | None = None,
+        **sprm_kwargs: Any,
+    ) -> MetaStoneForCausalLMWithSPRM:
+        """Wrap an existing causal LM (a path/Hub id or a loaded model) with a freshly initialised SPRM head.
+
+        Backbone and LM-head weights are used as they are. ``sprm_kwargs`` go to [`MetaStoneConfig`]
+        (``sprm_feature_layer``, ``step_token_ids``, ...); with ``tokenizer`` the step and think ids are read
+        from it (see ``MetaStoneConfig.sprm_token_ids_from_tokenizer``). Loading kwargs such as ``dtype``
+        apply when ``backbone`` is a path.
+        """
+        load_kwargs = {k: sprm_kwargs.pop(k) for k in _LOAD_KWARGS if k in sprm_kwargs}
+        if tokenizer is not None:
+            for key, value in MetaStoneConfig.sprm_token_ids_from_tokenizer(tokenizer).items():
+                sprm_kwargs.setdefault(key, value)
+        if isinstance(backbone, (str, bytes)) or hasattr(backbone, "__fspath__"):
+            text_config = AutoConfig.from_pretrained(
+                backbone, trust_remote_code=load_kwargs.get("trust_remote_code", False)
+            )
+            if isinstance(text_config, MetaStoneConfig):
+                raise ValueError(f"{backbone} is already a MetaStone checkpoint; load it with `from_pretrained`.")
+            config = MetaStoneConfig(text_config=text_config.to_dict(), **sprm_kwargs)
+            return cls.from_pretrained(backbone, config=config, **load_kwargs)
+        if not isinstance(backbone, PreTrainedModel) or not hasattr(backbone, "lm_head"):
+            raise TypeError(
+                "`backbone` must be a path/Hub id or a loaded causal LM with `.model` and `.lm_head` "
+                f"(e.g. Qwen2ForCausalLM); got {type(backbone).__name__}."
+            )
+        if isinstance(backbone, MetaStoneForCausalLMWithSPRM):
+            raise ValueError("`backbone` is already a MetaStone model.")
+        config = MetaStoneConfig(text_config=copy.deepcopy(backbone.config), **sprm_kwargs)
+        config.tie_word_embeddings = bool(getattr(backbone.config, "tie_word_embeddings", False))
+        with torch.device("meta"):
+            wrapped = cls(config)
+        wrapped.model = backbone.model
+        wrapped.lm_head = backbone.lm_head
+        reference = backbone.lm_head.weight
+        head = MetaStoneSPRMHead(config.text_config.hidden_size, config.sprm_hidden_multiplier, config.sprm_dropout)
+        wrapped.sprm_head = head.to(device=reference.device, dtype=reference.dtype)
+        wrapped._init_sprm_head()
+        if getattr(backbone, "generation_config", None) is not None:
+            wrapped.generation_config = copy.deepcopy(backbone.generation_config)
+        return wrapped
+
+    def _init_sprm_head(self) -> None:
+        std = getattr(self.config.text_config, "initializer_range", 0.02) or 0.02
+        for module in self.sprm_head:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias)
+
+
+def _no_cached_prefix(cache: Any, input_ids: torch.Tensor) -> bool:
+    """True when ``input_ids`` is the whole sequence (no earlier tokens held in the cache)."""
+    return cache is None or cache.get_seq_length() == input_ids.shape[1]
+
+
+_LOAD_KWARGS = ("dtype", "device_map", "attn_implementation", "trust_remote_code", "revision", "token", "cache_dir")
+
+
+def build_sprm_scores(step_logits: torch.Tensor, score_mask: torch.Tensor) -> SPRMScores:
+    """Assemble [`SPRMScores`] from per-position logits ``[B, T]`` and the score mask ``[B, T]``."""
+    log_scores = sprm_trajectory_log_scores(step_logits, score_mask)
+    per_row_logits = [row[mask] for row, mask in zip(step_logits.float(), score_mask)]
+    return SPRMScores(
+        scores=log_scores.exp(),
+        log_scores=log_scores,
+        step_scores=[torch.sigmoid(z) for z in per_row_logits],
+        step_logits=per_row_logits,
+        step_positions=[mask.nonzero().flatten() for mask in score_mask],
+        num_steps=score_mask.sum(dim=-1),
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+MetaStoneConfig.register_for_auto_class()
+MetaStoneForCausalLMWithSPRM.register_for_auto_class("AutoModel")
+MetaStoneForCausalLMWithSPRM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "MetaStoneCausalLMOutputWithPast",
+    "MetaStoneForCausalLMWithSPRM",
+    "MetaStonePreTrainedModel",
+    "MetaStoneSPRMHead",
+    "SPRMScores",
+    "build_sprm_scores",
+    "sprm_score_mask",
+    "sprm_step_token_mask",
+    "sprm_trajectory_log_scores",
+]

@@ -1,0 +1,208 @@
+"""MetaStoneForCausalLMWithSPRM: same-forward SPRM logits, exact scoring, backbones, dtypes, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import END_THINK, STEP, THINK
+from reference import reference_official_scores
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+from metastone_hf import MetaStoneConfig, MetaStoneForCausalLMWithSPRM, MetaStoneSPRMHead
+from metastone_hf.tiny import tiny_metastone, tiny_text_config
+
+ARCHITECTURES = ["qwen2", "qwen3", "llama"]
+
+
+def random_trajectories(n: int, seed: int = 0, vocab: int = 512, min_len: int = 6, max_len: int = 30):
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        body = torch.randint(8, vocab, (length,), generator=generator)
+        body[torch.rand(length, generator=generator) < 0.25] = STEP
+        rows.append([1, THINK, *body.tolist(), END_THINK, 9, 10])
+    return rows
+
+
+def pad(rows, side: str, pad_id: int = 0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def plain_twin(model: MetaStoneForCausalLMWithSPRM):
+    """The backbone as a stock transformers causal LM, loaded from our state dict (names must match)."""
+    twin = AutoModelForCausalLM.from_config(model.config.text_config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("sprm_head.")}
+    missing, unexpected = twin.load_state_dict(state, strict=True), None
+    assert unexpected is None and not missing.missing_keys and not missing.unexpected_keys
+    return twin.eval()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_forward_matches_stock_model_and_official_head_path(architecture):
+    model = tiny_metastone(architecture)
+    twin = plain_twin(model)
+    ids = torch.tensor(random_trajectories(2, seed=1, min_len=20, max_len=20))
+    with torch.no_grad():
+        ours = model(ids)
+        stock = twin(ids, output_hidden_states=True)
+    torch.testing.assert_close(ours.logits, stock.logits)
+    # the same logits through the slow path: keep every hidden state, take [-2], run the head
+    expected = model.sprm_head(stock.hidden_states[-2])
+    torch.testing.assert_close(ours.sprm_logits, expected)
+    assert ours.sprm_score_mask.shape == ids.shape
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_score_trajectories_equals_official_scoring(architecture):
+    model = tiny_metastone(architecture, seed=3)
+    twin = plain_twin(model)
+    rows = random_trajectories(4, seed=2)
+    for row in rows:
+        result = model.score_trajectories(torch.tensor(row))
+        expected_score, expected_logits = reference_official_scores(
+            twin, model.sprm_head, row, [STEP], THINK, END_THINK
+        )
+        torch.testing.assert_close(result.step_logits[0], torch.tensor(expected_logits), atol=1e-5, rtol=1e-5)
+        assert abs(result.scores[0].item() - expected_score) < 1e-5
+        assert result.num_steps[0].item() == len(expected_logits)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_equals_one_by_one(architecture, side, dtype):
+    model = tiny_metastone(architecture, seed=4).to(dtype)
+    rows = random_trajectories(5, seed=5)
+    ids, mask = pad(rows, side)
+    batched = model.score_trajectories(ids, mask)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for i, row in enumerate(rows):
+        single = model.score_trajectories(torch.tensor([row]))
+        assert batched.num_steps[i] == single.num_steps[0]
+        torch.testing.assert_close(batched.step_logits[i], single.step_logits[0], atol=tolerance * 5, rtol=tolerance)
+        assert abs(batched.scores[i].item() - single.scores[0].item()) < tolerance
+        offset = ids.shape[1] - len(row) if side == "left" else 0
+        assert (batched.step_positions[i] - offset).tolist() == single.step_positions[0].tolist()
+    assert batched.scores.dtype == torch.float32
+
+
+def test_chunked_scoring_equals_one_batch():
+    model = tiny_metastone(seed=6)
+    ids, mask = pad(random_trajectories(7, seed=7), "left")
+    whole = model.score_trajectories(ids, mask)
+    chunked = model.score_trajectories(ids, mask, batch_size=3)
+    torch.testing.assert_close(whole.scores, chunked.scores)
+
+
+def test_scoring_ignores_dropout_even_in_train_mode():
+    model = tiny_metastone(seed=8)
+    ids = torch.tensor(random_trajectories(1, seed=9))
+    eval_scores = model.score_trajectories(ids).scores
+    model.train()
+    torch.testing.assert_close(model.score_trajectories(ids).scores, eval_scores)
+    assert model.training  # mode restored
+
+
+@pytest.mark.parametrize(("hidden", "expected"), [(1536, 4_724_737), (3584, 25_704_449), (5120, 52_449_281)])
+def test_head_parameter_count_on_meta_device(hidden, expected):
+    with torch.device("meta"):
+        head = MetaStoneSPRMHead(hidden)
+    assert sum(p.numel() for p in head.parameters()) == expected == 2 * hidden**2 + 4 * hidden + 1
+    assert [name for name, _ in head.named_parameters()] == ["0.weight", "0.bias", "3.weight", "3.bias"]
+
+
+def test_full_size_model_head_on_meta_device():
+    text = tiny_text_config(
+        hidden_size=5120,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=1000,
+    )
+    with torch.device("meta"):
+        model = MetaStoneForCausalLMWithSPRM(
+            MetaStoneConfig(text_config=text, step_token_ids=[5], think_start_token_id=6, think_end_token_id=7)
+        )
+    assert sum(p.numel() for p in model.sprm_head.parameters()) == 52_449_281
+
+
+def test_backbone_tensor_names_equal_qwen2():
+    model = tiny_metastone()
+    stock = Qwen2ForCausalLM(model.config.text_config)
+    ours = {k for k in model.state_dict() if not k.startswith("sprm_head.")}
+    assert ours == set(stock.state_dict())
+
+
+@pytest.mark.parametrize("layer", [-1, -3, 1])
+def test_other_feature_layers(layer):
+    model = tiny_metastone(sprm_feature_layer=layer)
+    twin = plain_twin(model)
+    ids = torch.tensor(random_trajectories(1, seed=10))
+    with torch.no_grad():
+        stock = twin(ids, output_hidden_states=True)
+    torch.testing.assert_close(model(ids).sprm_logits, model.sprm_head(stock.hidden_states[layer]))
+
+
+def test_from_backbone_model_keeps_weights_and_adds_head():
+    torch.manual_seed(0)
+    backbone = Qwen2ForCausalLM(tiny_text_config()).eval()
+    ids = torch.tensor(random_trajectories(2, seed=11, min_len=12, max_len=12))
+    with torch.no_grad():
+        expected = backbone(ids).logits
+    model = MetaStoneForCausalLMWithSPRM.from_backbone(
+        backbone, step_token_ids=[STEP], think_start_token_id=THINK, think_end_token_id=END_THINK
+    ).eval()
+    assert model.model is backbone.model
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+    assert model.config.text_config is not backbone.config
+
+
+def test_from_backbone_path(tmp_path):
+    torch.manual_seed(0)
+    backbone = Qwen2ForCausalLM(tiny_text_config()).eval()
+    backbone.save_pretrained(tmp_path)
+    ids = torch.tensor(random_trajectories(1, seed=12))
+    model = MetaStoneForCausalLMWithSPRM.from_backbone(
+        str(tmp_path), step_token_ids=[STEP], think_start_token_id=THINK, think_end_token_id=END_THINK
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, backbone(ids).logits)
+    assert model.sprm_head[0].weight.abs().sum() > 0  # initialised, not left empty
+
+
+def test_tied_embeddings_follow_config():
+    model = tiny_metastone(text_overrides={"tie_word_embeddings": True})
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    untied = tiny_metastone()
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
+def test_config_deep_copies_backbone_config():
+    text = tiny_text_config()
+    config = MetaStoneConfig(text_config=text, step_token_ids=[5], think_start_token_id=6, think_end_token_id=7)
+    assert config.text_config is not text
+    config.text_config.rms_norm_eps = 0.125
+    assert text.rms_norm_eps != 0.125
+
+
+def test_plain_generate_is_unchanged():
+    model = tiny_metastone(seed=13)
+    twin = plain_twin(model)
+    ids = torch.tensor([[1, THINK, 9, 10]])
+    torch.manual_seed(0)
+    ours = model.generate(ids, max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=0)
+    torch.manual_seed(0)
+    stock = twin.generate(ids, max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=0)
+    assert torch.equal(ours, stock)

@@ -1,0 +1,85 @@
+"""A saved checkpoint loads with `trust_remote_code=True` in a process where `metastone_hf` cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from conftest import END_THINK, THINK
+
+from metastone_hf.tiny import tiny_metastone
+
+CLEAN_LOADER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    # Make `metastone_hf` unimportable, whatever path finder the editable install registered.
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "metastone_hf" or name.startswith("metastone_hf."):
+                raise ImportError("metastone_hf is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    sys.path = [p for p in sys.path if not p.rstrip("/").endswith("src")]
+    try:
+        import metastone_hf  # noqa: F401
+        raise SystemExit("metastone_hf is importable: the test would prove nothing")
+    except ImportError:
+        pass
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+    folder, ids = sys.argv[1], json.loads(sys.argv[2])
+    out = {}
+    for name, auto in (("auto_model", AutoModel), ("auto_causal_lm", AutoModelForCausalLM)):
+        model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            result = model(torch.tensor(ids))
+            scores = model.score_trajectories(torch.tensor(ids))
+        out[name] = {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "logits": result.logits.tolist(),
+            "scores": scores.scores.tolist(),
+            "step_logits": [s.tolist() for s in scores.step_logits],
+        }
+    print(json.dumps(out))
+    """
+)
+
+
+def test_remote_code_load_without_the_package(tmp_path):
+    model = tiny_metastone(seed=21)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert (folder / "configuration_metastone.py").exists() and (folder / "modeling_metastone.py").exists()
+    assert (folder / "model.safetensors").exists()
+
+    ids = [[1, THINK, 9, 5, 33, 44, 5, 5, 12, 5, END_THINK, 70], [1, THINK, 90, 91, 5, 92, 93, 94, 5, 8, END_THINK, 71]]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # remote-code module cache of its own
+    proc = subprocess.run(
+        [sys.executable, "-c", CLEAN_LOADER, str(folder), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    with torch.no_grad():
+        expected_logits = model(torch.tensor(ids)).logits
+        expected = model.score_trajectories(torch.tensor(ids))
+    for name in ("auto_model", "auto_causal_lm"):
+        got = loaded[name]
+        assert got["class"] == "MetaStoneForCausalLMWithSPRM"
+        assert got["module"].startswith("transformers_modules"), got["module"]  # the checkpoint's own code
+        torch.testing.assert_close(torch.tensor(got["logits"]), expected_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(got["scores"]), expected.scores, atol=1e-6, rtol=1e-5)
+        for a, b in zip(got["step_logits"], expected.step_logits):
+            torch.testing.assert_close(torch.tensor(a), b, atol=1e-5, rtol=1e-5)
