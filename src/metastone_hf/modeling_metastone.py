@@ -249,7 +249,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
 
     def sprm_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Head logits ``[...]`` for features ``[..., d]`` (the head runs in its own parameter dtype)."""
-        head_dtype = self.sprm_head[0].weight.dtype
+        head_dtype = next(self.sprm_head.parameters()).dtype  # works when PEFT wraps the head, too
         return self.sprm_head(features.to(head_dtype))
 
     # ------------------------------------------------------------------ forward
