@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_metastone import MetaStoneConfig
+from .generation_metastone import BestOfNOutput, best_of_n_generate, extract_boxed_answer
 from .modeling_metastone import (
     MetaStoneCausalLMOutputWithPast,
     MetaStoneForCausalLMWithSPRM,
@@ -20,11 +21,14 @@ AutoModelForCausalLM.register(MetaStoneConfig, MetaStoneForCausalLMWithSPRM, exi
 __version__ = "0.1.0"
 
 __all__ = [
+    "BestOfNOutput",
     "MetaStoneCausalLMOutputWithPast",
     "MetaStoneConfig",
     "MetaStoneForCausalLMWithSPRM",
     "MetaStoneSPRMHead",
     "SPRMScores",
+    "best_of_n_generate",
+    "extract_boxed_answer",
     "sprm_score_mask",
     "sprm_step_token_mask",
     "sprm_trajectory_log_scores",

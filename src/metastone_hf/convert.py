@@ -139,7 +139,9 @@ def convert_official_checkpoint(
     config = MetaStoneConfig(text_config=text_config.to_dict(), sprm_hidden_multiplier=multiplier, **token_ids)
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = MetaStoneForCausalLMWithSPRM.from_pretrained(official_dir, config=config, dtype=torch_dtype or "auto")
+    model = MetaStoneForCausalLMWithSPRM.from_pretrained(
+        official_dir, config=config, dtype=torch_dtype or "auto", sprm_head_may_be_missing=True
+    )
     head_dtype = next(model.sprm_head.parameters()).dtype
     model.sprm_head.load_state_dict({k: v.to(head_dtype) for k, v in head_state.items()}, strict=True)
     if (official_dir / "generation_config.json").is_file():

@@ -21,9 +21,11 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_metastone import MetaStoneConfig
+
+logger = logging.get_logger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # The step mask: one function, used by scoring, generation and training.
@@ -354,6 +356,12 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape {tuple(input_ids.shape)}."
             )
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        if max_positions is not None and input_ids.shape[1] > max_positions:
+            raise ValueError(
+                f"Trajectories of {input_ids.shape[1]} tokens exceed the backbone's context window "
+                f"(max_position_embeddings={max_positions}); truncate them or use a longer-context backbone."
+            )
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         chunk = batch_size or input_ids.shape[0]
@@ -368,9 +376,89 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
                 logits_chunks.append(self.sprm_logits_from_features(captured[-1]).float())
         step_logits = torch.cat(logits_chunks, dim=0)
         score_mask = self.sprm_score_mask(input_ids, attention_mask)
+        broken_rows = (~torch.isfinite(step_logits) & score_mask).any(dim=-1).nonzero().flatten().tolist()
+        if broken_rows:
+            logger.warning(
+                "Non-finite SPRM logits (NaN/inf features) in trajectories %s: their score is NaN and Best-of-N "
+                "ranks them last. Check the model weights and the dtype (fp16 overflow).",
+                broken_rows,
+            )
         return build_sprm_scores(step_logits, score_mask)
 
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        *args: Any,
+        reasoning_effort: str | None = None,
+        num_candidates: int | None = None,
+        selection: str | Any | None = None,
+        answer_extractor: Any | None = None,
+        prune_threshold: float | None = None,
+        prune_top_k: int | None = None,
+        prune_min_steps: int | None = None,
+        progress_bar: bool | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        r"""transformers' ``generate``, plus Best-of-N with online SPRM scoring.
+
+        Without ``reasoning_effort`` and ``num_candidates`` this is exactly ``GenerationMixin.generate(*args,
+        **kwargs)`` (TRL rollouts rely on it). With either, it samples N candidates per prompt (prompt prefilled
+        once), scores each step online with the SPRM head and returns a ``BestOfNOutput``; every argument is
+        documented in ``generation_metastone.best_of_n_generate``.
+
+        Args:
+            reasoning_effort: ``"low"`` / ``"medium"`` / ``"high"`` -> N from ``config.reasoning_effort_presets``.
+            num_candidates: N candidates per prompt (>= 1).
+            selection: ``"sprm"`` (default), ``"sprm_vote"``, ``"majority"`` or a callable.
+            answer_extractor: decoded completion -> answer (voting); default: last ``\boxed{}`` via math-verify.
+            prune_threshold / prune_top_k / prune_min_steps: opt-in SPRM-guided early pruning.
+            progress_bar: tqdm bar over decoding steps (default on).
+            seed: seed this call's sampling (the caller's RNG state is restored).
+        """
+        options = {
+            "selection": selection,
+            "answer_extractor": answer_extractor,
+            "prune_threshold": prune_threshold,
+            "prune_top_k": prune_top_k,
+            "prune_min_steps": prune_min_steps,
+            "progress_bar": progress_bar,
+            "seed": seed,
+        }
+        options = {name: value for name, value in options.items() if value is not None}
+        if reasoning_effort is None and num_candidates is None:
+            if options:
+                raise ValueError(
+                    f"{sorted(options)} only apply to Best-of-N generation: also pass `num_candidates=N` or "
+                    "`reasoning_effort=` ('low', 'medium', 'high')."
+                )
+            return super().generate(*args, **kwargs)
+        # Imported here: the generation file imports this one (and is copied beside it into checkpoints).
+        from .generation_metastone import best_of_n_generate
+
+        return best_of_n_generate(
+            self, *args, reasoning_effort=reasoning_effort, num_candidates=num_candidates, **options, **kwargs
+        )
+
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, *args: Any, sprm_head_may_be_missing: bool = False, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, refusing a checkpoint that lacks the SPRM head weights.
+
+        A silently re-initialised head would score at random. To wrap a plain causal LM checkpoint with a
+        fresh head use [`from_backbone`] (or pass ``sprm_head_may_be_missing=True``).
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith("sprm_head."))
+        if missing and not sprm_head_may_be_missing:
+            raise ValueError(
+                f"The checkpoint has no SPRM head weights (missing {missing}); the head would score at random. "
+                "To add a fresh head to a plain causal LM use `MetaStoneForCausalLMWithSPRM.from_backbone(path)`, "
+                "or convert an official release (with score_module.pt) with `metastone convert`."
+            )
+        return (model, info) if want_info else model
+
     @classmethod
     def from_backbone(
         cls,
@@ -396,7 +484,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             if isinstance(text_config, MetaStoneConfig):
                 raise ValueError(f"{backbone} is already a MetaStone checkpoint; load it with `from_pretrained`.")
             config = MetaStoneConfig(text_config=text_config.to_dict(), **sprm_kwargs)
-            return cls.from_pretrained(backbone, config=config, **load_kwargs)
+            return cls.from_pretrained(backbone, config=config, sprm_head_may_be_missing=True, **load_kwargs)
         if not isinstance(backbone, PreTrainedModel) or not hasattr(backbone, "lm_head"):
             raise TypeError(
                 "`backbone` must be a path/Hub id or a loaded causal LM with `.model` and `.lm_head` "
