@@ -42,9 +42,10 @@ def test_majority_and_weighted_vote():
     np.testing.assert_allclose(vote_accuracy(correct, answers, 4), [0.0])  # "3" has two votes
     weights = np.array([[0.9, 0.3, 0.2, 0.99]])
     np.testing.assert_allclose(vote_accuracy(correct, answers, 4, weights), [1.0])  # 0.9 > 0.5
-    # ties go to the answer seen first; a group without answers scores 0
+    # ties go to the answer seen first; without any answer majority picks the first candidate, sprm_vote the best
     np.testing.assert_allclose(vote_accuracy(np.array([[0, 1, 0, 0]]), [["3", "7", None, None]], 2), [0.0])
-    np.testing.assert_allclose(vote_accuracy(np.array([[1, 1]]), [[None, None]], 2), [0.0])
+    np.testing.assert_allclose(vote_accuracy(np.array([[0, 1]]), [[None, None]], 2), [0.0])
+    np.testing.assert_allclose(vote_accuracy(np.array([[0, 1]]), [[None, None]], 2, np.array([[0.1, 0.2]])), [1.0])
 
 
 def test_random_pick_is_the_group_mean():

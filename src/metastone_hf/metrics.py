@@ -8,10 +8,12 @@ confidence interval over questions.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+import torch
+
+from .generation_metastone import SELECTION_STRATEGIES, SelectionStrategy
 
 
 def _groups(num_candidates: int, n: int) -> list[slice]:
@@ -22,17 +24,35 @@ def _groups(num_candidates: int, n: int) -> list[slice]:
     return [slice(k * n, (k + 1) * n) for k in range(num_candidates // n)]
 
 
-def best_of_n_accuracy(correct: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
-    """Per-question accuracy of picking the highest-scoring candidate in each group of ``n``.
+def strategy_accuracy(
+    correct: np.ndarray,
+    scores: np.ndarray | None,
+    answers: Sequence[Sequence[Hashable | None]] | None,
+    n: int,
+    strategy: str | SelectionStrategy,
+) -> np.ndarray:
+    """Per-question accuracy of a Best-of-N selection strategy applied to each group of ``n`` candidates.
 
-    NaN scores rank below every real score; ties go to the earliest candidate (``argmax``).
+    ``strategy`` is one of ``generate``'s strategies (``"sprm"``, ``"sprm_vote"``, ``"majority"``) or a callable
+    ``(scores [n], answers or None) -> index``, so evaluation picks exactly what ``generate`` would pick.
+    ``answers[q][i]`` is candidate ``i``'s canonical answer (``None``: no answer).
     """
-    correct, scores = np.asarray(correct, dtype=float), np.asarray(scores, dtype=float)
-    safe = np.where(np.isnan(scores), -np.inf, scores)
-    per_group = [
-        correct[np.arange(len(correct)), g.start + safe[:, g].argmax(axis=1)] for g in _groups(correct.shape[1], n)
-    ]
-    return np.mean(per_group, axis=0)
+    pick = SELECTION_STRATEGIES[strategy] if isinstance(strategy, str) else strategy
+    correct = np.asarray(correct, dtype=float)
+    score_table = torch.zeros(correct.shape) if scores is None else torch.as_tensor(np.asarray(scores, dtype=float))
+    groups = _groups(correct.shape[1], n)
+    result = np.zeros(len(correct))
+    for q in range(len(correct)):
+        picks = [
+            g.start + int(pick(score_table[q, g], None if answers is None else list(answers[q][g]))) for g in groups
+        ]
+        result[q] = correct[q, picks].mean()
+    return result
+
+
+def best_of_n_accuracy(correct: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """Per-question accuracy of the paper's BoN-SPRM: the highest-scoring candidate of each group (NaN ranks last)."""
+    return strategy_accuracy(correct, scores, None, n, "sprm")
 
 
 def vote_accuracy(
@@ -41,34 +61,10 @@ def vote_accuracy(
     n: int,
     weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-question accuracy of (weighted) voting over extracted answers in each group of ``n``.
-
-    ``answers[q][i]`` is the canonical answer of candidate ``i`` (``None`` = no answer, casts no vote).
-    With ``weights`` (e.g. SPRM scores) each vote counts its weight; plain majority otherwise. Ties go to the
-    answer that appears first in the group. A group with no answer at all scores 0.
-    """
-    correct = np.asarray(correct, dtype=float)
-    result = np.zeros(len(correct))
-    groups = _groups(correct.shape[1], n)
-    for q in range(len(correct)):
-        accuracies = []
-        for g in groups:
-            totals: dict[Hashable, float] = defaultdict(float)
-            first: dict[Hashable, int] = {}
-            for i in range(g.start, g.stop):
-                answer = answers[q][i]
-                if answer is None:
-                    continue
-                weight = 1.0 if weights is None else float(np.nan_to_num(weights[q][i], nan=0.0))
-                totals[answer] += weight
-                first.setdefault(answer, i)
-            if not totals:
-                accuracies.append(0.0)
-                continue
-            winner = max(totals, key=lambda a: (totals[a], -first[a]))
-            accuracies.append(correct[q, first[winner]])
-        result[q] = np.mean(accuracies)
-    return result
+    """Per-question accuracy of majority voting, or of SPRM-weighted voting when ``weights`` (scores) are given."""
+    if weights is None:
+        return strategy_accuracy(correct, None, answers, n, "majority")
+    return strategy_accuracy(correct, weights, answers, n, "sprm_vote")
 
 
 def random_pick_accuracy(correct: np.ndarray, n: int) -> np.ndarray:
