@@ -8,6 +8,7 @@ excludes ``sprm_head`` (and ``lm_head``, which TRL refuses to adapt) from the ta
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 SPRM_HEAD_MODULES = ("sprm_head.0", "sprm_head.3")
@@ -47,3 +48,21 @@ def metastone_lora_config(
         task_type=lora_kwargs.pop("task_type", TaskType.CAUSAL_LM),
         **lora_kwargs,
     )
+
+
+def sprm_peft_config(peft_config: Any) -> Any:
+    """A copy of ``peft_config`` that trains the SPRM head fully: ``"sprm_head"`` joins ``modules_to_save``.
+
+    PEFT then keeps a trainable copy of the head (saved in the adapter). The head's linears and ``lm_head`` are
+    also excluded from the LoRA targets, so ``target_modules="all-linear"`` is safe.
+    """
+    config = copy.deepcopy(peft_config)
+    modules = list(getattr(config, "modules_to_save", None) or [])
+    if "sprm_head" not in modules:
+        modules.append("sprm_head")
+    config.modules_to_save = modules
+    if hasattr(config, "exclude_modules"):
+        exclude = config.exclude_modules
+        exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
+        config.exclude_modules = exclude + [m for m in (*SPRM_HEAD_MODULES, "lm_head") if m not in exclude]
+    return config

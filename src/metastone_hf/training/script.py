@@ -1,0 +1,234 @@
+"""GRPO + SPR loss training of a MetaStone-S1 model, in the style of TRL's ``trl/scripts/grpo.py``.
+
+Same flags as ``trl grpo`` (script, ``SPRMGRPOConfig`` = ``GRPOConfig`` + ``--sprm_*``, ``ModelConfig``, dataset
+mixture), plus:
+
+* ``--dataset_path FILE.jsonl``: a local math jsonl (GSM8K ``question``/``answer`` with ``#### N``, MATH-500
+  ``problem``/``answer``, AIME ``prompt``/``answer``, or already ``prompt``/``solution``), turned into
+  conversational prompts ending with the paper's instruction and a ``solution`` column for the reward;
+* ``--export_dataset_dir DIR``: write that converted dataset as ``DIR/train.jsonl`` and exit, so that plain
+  ``trl grpo --dataset_name DIR`` can train on it too.
+
+Rewards: ``accuracy_reward`` from ``trl.rewards`` (math-verify) by default; any name of the ``trl grpo``
+registry or a dotted import path.
+
+Run it as ``metastone train ...`` or ``python examples/grpo_sprm.py ...``. CPU smoke run (2 steps, see
+examples/README.md):
+
+    python -c "from metastone_hf.tiny import save_tiny_checkpoint; save_tiny_checkpoint('tiny-metastone')"
+    python examples/grpo_sprm.py --model_name_or_path tiny-metastone \
+        --dataset_path ../shared/data/gsm8k_test.jsonl --max_train_samples 32 \
+        --output_dir out/grpo-sprm-tiny --max_steps 2 --per_device_train_batch_size 4 --num_generations 4 \
+        --max_completion_length 32 --use_cpu --bf16 false --gradient_checkpointing false \
+        --logging_steps 1 --report_to none --save_strategy no
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import ScriptArguments
+
+from ..evaluation import PROMPT_FIELDS, gold_answer
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class SPRMScriptArguments(ScriptArguments):
+    """Script arguments of the GRPO + SPRM script (those of ``trl grpo`` plus a local jsonl dataset).
+
+    Args:
+        dataset_path (`str`, *optional*):
+            Local jsonl of math problems (GSM8K, MATH-500, AIME formats or ``prompt``/``solution``). Overrides
+            ``dataset_name``.
+        max_train_samples (`int`, *optional*):
+            Keep only the first N rows of the training split.
+        instruction (`str`):
+            Appended to every question (the paper's prompt suffix).
+        export_dataset_dir (`str`, *optional*):
+            Write the converted dataset to ``DIR/train.jsonl`` and exit (for ``trl grpo --dataset_name DIR``).
+        reward_model_name_or_path (`str`, *optional*):
+            A reward model, as in ``trl grpo``.
+        reward_funcs (`list[str]`, *optional*):
+            Reward functions: ``accuracy_reward`` (default), ``reasoning_accuracy_reward``, ``think_format_reward``,
+            ``get_soft_overlong_punishment`` or a dotted import path.
+    """
+
+    dataset_path: str | None = field(default=None, metadata={"help": "Local math jsonl (GSM8K/MATH-500/AIME)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Appended to every question."})
+    export_dataset_dir: str | None = field(
+        default=None, metadata={"help": "Write the converted dataset to DIR/train.jsonl and exit."}
+    )
+    reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Reward model id or path."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: `accuracy_reward` (default), `reasoning_accuracy_reward`, "
+            "`think_format_reward`, `get_soft_overlong_punishment`, or a dotted import path."
+        },
+    )
+
+
+def math_row_to_grpo(row: dict[str, Any], instruction: str) -> dict[str, Any]:
+    """One GSM8K / MATH-500 / AIME row -> ``{"prompt": [user message], "solution": gold answer}``."""
+    if "prompt" in row and "solution" in row:
+        return {"prompt": row["prompt"], "solution": str(row["solution"])}
+    prompt_field = next((k for k in PROMPT_FIELDS if k in row), None)
+    if prompt_field is None:
+        raise ValueError(f"No {'/'.join(PROMPT_FIELDS)} field in row with keys {sorted(row)}.")
+    answer = gold_answer(row)
+    question = str(row[prompt_field]).strip()
+    if instruction and instruction not in question:
+        question = f"{question}\n{instruction}"
+    return {"prompt": [{"role": "user", "content": question}], "solution": f"${answer}$"}
+
+
+def load_math_jsonl(path: str, instruction: str, max_samples: int | None = None):
+    """A local math jsonl as a ``datasets.Dataset`` with ``prompt`` (conversational) and ``solution``."""
+    from datasets import Dataset
+
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                rows.append(math_row_to_grpo(json.loads(line), instruction))
+            if max_samples is not None and len(rows) >= max_samples:
+                break
+    return Dataset.from_list(rows)
+
+
+def resolve_reward_funcs(script_args: SPRMScriptArguments) -> list[Any]:
+    from trl.rewards import (
+        accuracy_reward,
+        get_soft_overlong_punishment,
+        reasoning_accuracy_reward,
+        think_format_reward,
+    )
+
+    registry = {
+        "accuracy_reward": accuracy_reward,
+        "reasoning_accuracy_reward": reasoning_accuracy_reward,
+        "think_format_reward": think_format_reward,
+        "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
+    }
+    reward_funcs: list[Any] = []
+    if script_args.reward_model_name_or_path:
+        reward_funcs.append(script_args.reward_model_name_or_path)
+    for name in script_args.reward_funcs or ([] if reward_funcs else ["accuracy_reward"]):
+        if name in registry:
+            reward_funcs.append(registry[name])
+        elif "." in name:
+            module_path, func_name = name.rsplit(".", 1)
+            sys.path.insert(0, os.getcwd())
+            reward_funcs.append(getattr(importlib.import_module(module_path), func_name))
+        else:
+            raise ValueError(f"Unknown reward function {name!r}: one of {sorted(registry)} or a dotted import path.")
+    return reward_funcs
+
+
+def main(script_args, training_args, model_args, dataset_args) -> None:
+    from datasets import load_dataset
+    from trl import get_dataset, get_peft_config, get_quantization_config
+
+    from .trainer import SPRMGRPOTrainer
+
+    if script_args.dataset_path:
+        train_dataset = load_math_jsonl(
+            script_args.dataset_path, script_args.instruction, script_args.max_train_samples
+        )
+        eval_dataset = None
+    else:
+        if dataset_args.datasets:
+            dataset = get_dataset(dataset_args)
+        elif script_args.dataset_name:
+            dataset = load_dataset(
+                script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+            )
+        else:
+            raise ValueError("Give `--dataset_path FILE.jsonl`, `--dataset_name` or `--datasets`.")
+        train_dataset = dataset[script_args.dataset_train_split]
+        if script_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+        eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    trainer = SPRMGRPOTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=resolve_reward_funcs(script_args),
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),  # `sprm_head` is added to modules_to_save automatically
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model (policy + SPRM head) saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):
+        trainer.end()
+
+
+def export_dataset(script_args: SPRMScriptArguments) -> None:
+    """Write the converted ``--dataset_path`` to ``--export_dataset_dir``/train.jsonl (for plain ``trl grpo``)."""
+    if not script_args.dataset_path:
+        raise ValueError("`--export_dataset_dir` needs `--dataset_path`.")
+    dataset = load_math_jsonl(script_args.dataset_path, script_args.instruction, script_args.max_train_samples)
+    os.makedirs(script_args.export_dataset_dir, exist_ok=True)
+    target = os.path.join(script_args.export_dataset_dir, "train.jsonl")
+    dataset.to_json(target, lines=True)
+    print(f"Wrote {len(dataset)} rows to {target}.")
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import DatasetMixtureConfig, ModelConfig, TrlParser
+
+    from .trainer import SPRMGRPOConfig
+
+    dataclass_types = (SPRMScriptArguments, SPRMGRPOConfig, ModelConfig, DatasetMixtureConfig)
+    if subparsers is not None:
+        return subparsers.add_parser("grpo_sprm", help="GRPO + SPR loss", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
+
+
+def run_training_cli(argv: list[str] | None = None) -> int:
+    """Entry point of ``metastone train`` and ``examples/grpo_sprm.py``: parse ``trl grpo``-style flags and train."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg.startswith("--export_dataset_dir") for arg in argv):
+        # Dataset conversion only: parse the script arguments alone (no training config to validate).
+        from transformers import HfArgumentParser
+
+        (export_args, _) = HfArgumentParser(SPRMScriptArguments).parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+        export_dataset(export_args)
+        return 0
+    parser = make_parser(prog="metastone train")
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
+        args=argv, fail_with_unknown_args=False
+    )
+    main(script_args, training_args, model_args, dataset_args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_training_cli())

@@ -1,0 +1,379 @@
+"""GRPO with the MetaStone-S1 self-supervised process reward loss, on top of TRL's ``GRPOTrainer``.
+
+[`SPRMGRPOTrainer`] adds the SPR loss (see :mod:`metastone_hf.training.loss`) to TRL's GRPO loss:
+
+* the head reads the feature layer (``model.layers[-2]``) of the *same* forward pass TRL runs for the policy
+  log-probs, captured with ``model.capture_sprm_features()`` (no second forward);
+* each completion's outcome label comes from its reward (``reward > sprm_correct_threshold``), kept from
+  ``_calculate_rewards`` and carried with the batch through TRL's shuffling and splitting;
+* the features reach the head with the backbone gradient scaled by ``sprm_feature_grad_scale`` (1e-4);
+* the head sits in its own optimizer parameter group (``sprm_learning_rate``, ``sprm_weight_decay``);
+* the SPR loss is divided by the gradient-accumulation steps like TRL's loss and shares its backward;
+* ``sprm/*`` metrics go through the Trainer's logging; the head is saved with every checkpoint (it is part
+  of the model, or of the adapter's ``modules_to_save`` with PEFT) and restored on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.trainer_optimizer import is_optimizer_factory
+from trl import GRPOConfig, GRPOTrainer
+
+from ..lora import sprm_peft_config
+from .loss import STAT_KEYS, grad_scaled_features, sprm_loss, sprm_metrics_from_stats, stack_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SPRMGRPOConfig(GRPOConfig):
+    r"""[`~trl.GRPOConfig`] plus the SPRM (self-supervised process reward model) fields of MetaStone-S1.
+
+    Every GRPO argument keeps TRL's meaning and default (policy learning rate 1e-6 as in the paper). Only
+    the SPRM fields are added, each with the paper's default:
+
+    Parameters that control the SPR loss:
+        sprm_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the SPR loss added to the GRPO loss (paper: 1, same backward pass).
+        sprm_correct_threshold (`float`, *optional*, defaults to `0.5`):
+            A completion is labelled correct when its reward is strictly above this value.
+        sprm_label_reward_index (`int` or `None`, *optional*, defaults to `None`):
+            Which reward gives the label. `None`: the weighted sum of all reward functions (the reward GRPO uses);
+            an int `i`: the raw output of the `i`-th reward function (e.g. the accuracy reward when a format
+            reward is also used).
+        sprm_agreement_filter (`bool`, *optional*, defaults to `True`):
+            Dynamic weight: keep a step only where the head already agrees with the outcome.
+        sprm_class_balance (`bool`, *optional*, defaults to `True`):
+            Balance the kept positive/negative steps with counts summed over all processes.
+        sprm_positive_class_factor (`float`, *optional*, defaults to `1.5`):
+            Extra factor on positive steps in the class balance.
+        sprm_count_smoothing (`float`, *optional*, defaults to `1.0`):
+            Added to each (global) class count before balancing.
+        sprm_eps (`float`, *optional*, defaults to `1e-5`):
+            Added to the sum of weights in the normaliser.
+        sprm_exclude_truncated (`bool`, *optional*, defaults to `True`):
+            Ignore the steps of completions that end without EOS.
+
+    Parameters that control how the head trains:
+        sprm_learning_rate (`float` or `None`, *optional*, defaults to `1e-5`):
+            Learning rate of the head's own optimizer parameter group (official: 1e-5, while the policy uses
+            1e-6). It follows the same scheduler. `None`: the head shares the policy's groups and learning rate.
+        sprm_weight_decay (`float`, *optional*, defaults to `0.01`):
+            AdamW weight decay of the head's parameter group (official: 0.01).
+        sprm_feature_grad_scale (`float`, *optional*, defaults to `1e-4`):
+            Scale of the gradient the SPR loss sends into the backbone through the features
+            (`f * s + f.detach() * (1 - s)`): `1e-4` lets the head barely move the policy, `0` detaches it.
+
+    The head keeps its dropout (0.5) in training unless `disable_dropout=True`, which TRL applies to every dropout
+    module of the model, the head's included.
+
+    Defaults changed from [`~trl.GRPOConfig`]:
+        ddp_find_unused_parameters (`bool` or `None`, *optional*, defaults to `False`):
+            The head runs outside the DDP-wrapped forward (on features captured inside it), so DDP must not look
+            for unused parameters (that search would mark the head unused and then fail when its gradient
+            arrives). `None` is turned into `False`.
+    """
+
+    sprm_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the SPR loss added to the GRPO loss (paper: 1)."},
+    )
+    sprm_learning_rate: float | None = field(
+        default=1e-5,
+        metadata={
+            "help": "Learning rate of the SPRM head's own parameter group (official 1e-5; the policy uses "
+            "`learning_rate`, 1e-6). None: the head shares the policy's learning rate."
+        },
+    )
+    sprm_weight_decay: float = field(
+        default=0.01,
+        metadata={"help": "AdamW weight decay of the SPRM head's parameter group (official 0.01)."},
+    )
+    sprm_feature_grad_scale: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Scale of the backbone gradient coming from the SPR loss through the features "
+            "(f * s + f.detach() * (1 - s)); 0 detaches the features."
+        },
+    )
+    sprm_correct_threshold: float = field(
+        default=0.5,
+        metadata={"help": "A completion is labelled correct when its reward is strictly above this threshold."},
+    )
+    sprm_label_reward_index: int | None = field(
+        default=None,
+        metadata={
+            "help": "Reward function whose raw output gives the label; None uses the weighted sum of all rewards."
+        },
+    )
+    sprm_agreement_filter: bool = field(
+        default=True,
+        metadata={"help": "Keep a step only where the head already agrees with the outcome (paper's dynamic weight)."},
+    )
+    sprm_class_balance: bool = field(
+        default=True,
+        metadata={"help": "Balance kept positive/negative steps with global counts (+ smoothing)."},
+    )
+    sprm_positive_class_factor: float = field(
+        default=1.5,
+        metadata={"help": "Extra factor on positive steps in the class balance (paper: 1.5)."},
+    )
+    sprm_count_smoothing: float = field(
+        default=1.0,
+        metadata={"help": "Added to each global class count before balancing (paper: 1)."},
+    )
+    sprm_eps: float = field(
+        default=1e-5,
+        metadata={"help": "Added to the sum of weights in the loss normaliser (paper: 1e-5)."},
+    )
+    sprm_exclude_truncated: bool = field(
+        default=True,
+        metadata={"help": "Ignore the steps of truncated completions (no EOS)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
+        if self.sprm_learning_rate is not None and self.sprm_learning_rate < 0:
+            raise ValueError(f"`sprm_learning_rate` must be >= 0, got {self.sprm_learning_rate}.")
+        if not 0.0 <= self.sprm_feature_grad_scale <= 1.0:
+            raise ValueError(f"`sprm_feature_grad_scale` must be in [0, 1], got {self.sprm_feature_grad_scale}.")
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+class SPRMGRPOTrainer(GRPOTrainer):
+    """TRL's [`~trl.GRPOTrainer`] that also trains the MetaStone SPRM head with the SPR loss.
+
+    Takes exactly the arguments of ``GRPOTrainer`` (``model`` may be a MetaStone checkpoint path or a
+    [`MetaStoneForCausalLMWithSPRM`], possibly loaded with ``trust_remote_code``); ``args`` is a
+    [`SPRMGRPOConfig`]. With ``peft_config`` the backbone gets the adapter and the head is trained in full
+    (``"sprm_head"`` is added to ``modules_to_save``).
+
+    Example:
+        ```python
+        from metastone_hf.training import SPRMGRPOConfig, SPRMGRPOTrainer
+        from trl.rewards import accuracy_reward
+
+        trainer = SPRMGRPOTrainer(
+            model="path/to/metastone-checkpoint",
+            reward_funcs=accuracy_reward,
+            args=SPRMGRPOConfig(output_dir="out", sprm_learning_rate=1e-5),
+            train_dataset=dataset,
+        )
+        trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "grpo", "metastone", "sprm"]
+
+    def __init__(self, model: Any, *args: Any, peft_config: Any | None = None, **kwargs: Any) -> None:
+        args_index = 1  # GRPOTrainer(model, reward_funcs, args, ...)
+        training_args = kwargs.get("args", args[args_index] if len(args) > args_index else None)
+        if training_args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "metastone") or "model"
+            training_args = SPRMGRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-SPRM-GRPO")
+            if len(args) > args_index:
+                args = (*args[:args_index], training_args, *args[args_index + 1 :])
+            else:
+                kwargs["args"] = training_args
+        if not isinstance(training_args, SPRMGRPOConfig):
+            raise TypeError(
+                f"`args` must be a `SPRMGRPOConfig` (a `GRPOConfig` with the SPRM fields), got "
+                f"{type(training_args).__name__}. Build it with `SPRMGRPOConfig(**your_grpo_kwargs)`."
+            )
+        if peft_config is not None:
+            peft_config = sprm_peft_config(peft_config)
+        self._sprm_rewards_per_func: torch.Tensor | None = None
+        super().__init__(model, *args, peft_config=peft_config, **kwargs)
+        self._sprm_model(self.model)  # fail early when the model has no SPRM head
+        self._check_head_trainable()
+
+    # ------------------------------------------------------------------ model access
+    def _sprm_model(self, model: nn.Module) -> nn.Module:
+        """The MetaStone module inside DDP/DeepSpeed and PEFT wrappers."""
+        unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        if _is_peft_model(unwrapped):
+            unwrapped = unwrapped.get_base_model()
+        if not (hasattr(unwrapped, "capture_sprm_features") and hasattr(unwrapped, "sprm_head")):
+            raise TypeError(
+                f"{type(self).__name__} needs a MetaStone model with an SPRM head (`MetaStoneForCausalLMWithSPRM`, "
+                f"e.g. from `MetaStoneForCausalLMWithSPRM.from_backbone(...)`); got {type(unwrapped).__name__}. "
+                "For plain GRPO use `trl.GRPOTrainer`."
+            )
+        return unwrapped
+
+    def _sprm_head_parameters(self) -> list[nn.Parameter]:
+        head = self._sprm_model(self.model).sprm_head
+        return [p for p in head.parameters() if p.requires_grad]
+
+    def _check_head_trainable(self) -> None:
+        head_params = self._sprm_head_parameters()
+        if not head_params:
+            raise ValueError(
+                "The SPRM head has no trainable parameter. With PEFT keep `'sprm_head'` in `modules_to_save` "
+                "(SPRMGRPOTrainer adds it to the `peft_config` it is given); with a PEFT model built yourself, "
+                "use `metastone_hf.training.sprm_peft_config(config)`."
+            )
+
+    # ------------------------------------------------------------------ labels
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's reward computation; keeps the (all-process) per-function rewards for the SPRM labels."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._sprm_rewards_per_func = rewards_per_func.detach()
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's batch plus, per completion (shuffled and split with it): ``sprm_reward`` (the reward that labels it),
+        ``sprm_correct`` (reward > threshold), ``sprm_truncated`` (no EOS) and ``sprm_excluded`` (no reward)."""
+        self._sprm_rewards_per_func = None
+        output = super()._generate_and_score_completions(inputs)
+        rewards_per_func = self._sprm_rewards_per_func
+        if rewards_per_func is None:
+            raise RuntimeError("GRPOTrainer did not call `_calculate_rewards`; cannot label the SPRM steps.")
+        # Rewards are computed on the completions of all processes; keep this process's slice (as TRL does).
+        local = output["completion_ids"].shape[0]
+        start = self.accelerator.process_index * local
+        rewards_per_func = rewards_per_func[start : start + local].to(output["completion_ids"].device)
+        index = self.args.sprm_label_reward_index
+        if index is None:
+            weights = self.reward_weights.to(rewards_per_func.device)
+            rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+            unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        else:
+            rewards = rewards_per_func[:, index]
+            unscorable = torch.isnan(rewards)
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        lengths = completion_mask.sum(dim=1)
+        last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        eos_ids = torch.tensor(self.eos_token_ids, device=completion_ids.device, dtype=completion_ids.dtype)
+        ended = torch.isin(last, eos_ids) & (lengths > 0)
+        output["sprm_reward"] = rewards
+        output["sprm_correct"] = torch.nan_to_num(rewards, nan=0.0) > self.args.sprm_correct_threshold
+        output["sprm_truncated"] = ~ended
+        output["sprm_excluded"] = unscorable
+        return output
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """TRL's GRPO loss plus ``sprm_loss_weight`` times the SPR loss, from one forward pass."""
+        metastone = self._sprm_model(model)
+        # The hook sits on the feature layer's `__call__`, outside gradient checkpointing's recompute: it fires
+        # once per forward, and is removed before TRL's caller runs backward.
+        with metastone.capture_sprm_features() as captured:
+            loss = super()._compute_loss(model, inputs)
+        if not captured:
+            raise RuntimeError("The SPRM feature layer did not run during the policy forward pass.")
+        features = captured[0] if len(captured) == 1 else torch.cat(captured, dim=0)
+
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        if features.shape[:2] != input_ids.shape:
+            raise RuntimeError(
+                f"Captured SPRM features of shape {tuple(features.shape)} do not match the batch {tuple(input_ids.shape)}."
+            )
+        score_mask = metastone.sprm_score_mask(input_ids, attention_mask)
+        # Only steps whose step token was generated: their score position is at or after the last prompt token.
+        score_mask[:, : max(prompt_ids.shape[1] - 1, 0)] = False
+
+        scale = self.args.sprm_feature_grad_scale
+        step_features = grad_scaled_features(features[score_mask], scale)
+        step_logits = metastone.sprm_logits_from_features(step_features)
+        logits = step_logits.new_zeros(score_mask.shape).masked_scatter(score_mask, step_logits)
+
+        mode = "train" if self.model.training else "eval"
+        num_processes = self.accelerator.num_processes
+
+        def count_reduce(counts: torch.Tensor) -> torch.Tensor:
+            return self.accelerator.reduce(counts, reduction="sum") if num_processes > 1 else counts
+
+        args = self.args
+        out = sprm_loss(
+            logits,
+            score_mask,
+            inputs["sprm_correct"],
+            inputs["sprm_truncated"] | inputs["sprm_excluded"]
+            if args.sprm_exclude_truncated
+            else inputs["sprm_excluded"],
+            agreement_filter=args.sprm_agreement_filter,
+            class_balance=args.sprm_class_balance,
+            positive_class_factor=args.sprm_positive_class_factor,
+            count_smoothing=args.sprm_count_smoothing,
+            eps=args.sprm_eps,
+            exclude_truncated=True,
+            count_reduce=count_reduce,
+        )
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = loss + args.sprm_loss_weight * out.loss / normalizer
+
+        # Metrics: one collective for all counters, then ratios of global sums.
+        stats = stack_stats(out.stats)
+        loss_value = out.loss.detach().float().reshape(1)
+        packed = torch.cat([stats, loss_value, torch.ones(1, device=stats.device)])
+        if num_processes > 1:
+            packed = self.accelerator.reduce(packed, reduction="sum")
+        values = packed.tolist()  # one device sync for all metrics
+        metrics = sprm_metrics_from_stats(dict(zip(STAT_KEYS, values[: len(STAT_KEYS)])))
+        self._metrics[mode]["sprm/loss"].append(values[-2] / values[-1])
+        for key, value in metrics.items():
+            self._metrics[mode][f"sprm/{key}"].append(value)
+        return loss
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer with the SPRM head in its own parameter group (``sprm_learning_rate``)."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None or self.args.sprm_learning_rate is None:
+            return super().create_optimizer(model)
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            logger.warning(
+                "The optimizer `%s` builds its own parameter groups; the SPRM head shares the policy's learning rate.",
+                self.args.optim,
+            )
+            return super().create_optimizer(model)
+
+        head_ids = {id(p) for p in self._sprm_head_parameters()}
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        policy = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in head_ids]
+        head = [p for p in opt_model.parameters() if id(p) in head_ids]
+        groups = [
+            {"params": [p for n, p in policy if n in decay_names], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in policy if n not in decay_names], "weight_decay": 0.0},
+            {
+                "params": head,
+                "weight_decay": self.args.sprm_weight_decay,
+                "lr": self.args.sprm_learning_rate,
+                "name": "sprm_head",
+            },
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    @staticmethod
+    def head_param_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The optimizer's SPRM-head parameter group, if it has one."""
+        groups: Iterable[dict[str, Any]] = getattr(optimizer, "param_groups", [])
+        return next((g for g in groups if g.get("name") == "sprm_head"), None)
+
+
+__all__ = ["SPRMGRPOConfig", "SPRMGRPOTrainer"]

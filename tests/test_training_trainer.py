@@ -1,0 +1,379 @@
+"""`SPRMGRPOTrainer` on CPU with tiny models: learning, one forward, scaling, param groups, PEFT, resume.
+
+The synthetic task: prompts end with ``<think>``; the policy samples from {A, B, step, EOS} (every other token is
+suppressed, EOS only after 6 tokens); a completion is correct when every step token is preceded by ``A``. The
+head can see it (the token at the score position), the policy cannot learn it in a few steps at lr 1e-6, and
+about 5% of completions are truncated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from metastone_hf.tiny import save_tiny_checkpoint, tiny_metastone_for_tokenizer, tiny_tokenizer
+from metastone_hf.training import SPRMGRPOConfig, SPRMGRPOTrainer, binary_auc
+
+PROMPT = "Question: go <think>"
+
+
+class SyntheticTask:
+    """Tokenizer, reward, dataset and held-out completions of the A/B step task."""
+
+    def __init__(self) -> None:
+        self.tok = tiny_tokenizer()
+        self.A, self.B = self.tok.convert_tokens_to_ids(["A", "B"])
+        self.STEP = self.tok.convert_tokens_to_ids(".\n\n")
+        self.EOS = self.tok.eos_token_id
+        allowed = {self.A, self.B, self.STEP, self.EOS}
+        self.suppress = [i for i in range(len(self.tok)) if i not in allowed]
+
+    def label(self, ids: list[int]) -> bool:
+        before_steps = [ids[i - 1] for i in range(1, len(ids)) if ids[i] == self.STEP and ids[i - 1] != self.STEP]
+        return bool(before_steps) and all(t == self.A for t in before_steps)
+
+    def reward(self, completions: list[Any], completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+        return [float(self.label(ids)) for ids in completion_ids]
+
+    def dataset(self, n: int = 256) -> Dataset:
+        return Dataset.from_dict({"prompt": [PROMPT] * n})
+
+    def model(self, seed: int = 0):
+        model = tiny_metastone_for_tokenizer(self.tok, seed=seed)
+        with torch.no_grad():
+            model.lm_head.weight.zero_()  # uniform sampling over the allowed tokens
+        return model
+
+    def heldout(self, n: int = 300, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Completions sampled like the policy samples them, left-padded, with labels (rows with a step only)."""
+        rng = random.Random(seed)
+        prompt = self.tok.encode(PROMPT, add_special_tokens=False)
+        rows, labels = [], []
+        while len(rows) < n:
+            completion: list[int] = []
+            while len(completion) < 16:
+                token = rng.choice([self.A, self.B, self.STEP] + ([self.EOS] if len(completion) >= 6 else []))
+                completion.append(token)
+                if token == self.EOS:
+                    break
+            if self.STEP in completion[1:]:
+                rows.append(prompt + completion)
+                labels.append(self.label(completion))
+        width = max(map(len, rows))
+        ids = torch.full((n, width), self.tok.pad_token_id)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        return ids, mask, torch.tensor(labels)
+
+    def args(self, output_dir: Path, **overrides: Any) -> SPRMGRPOConfig:
+        fields: dict[str, Any] = {
+            "output_dir": str(output_dir),
+            "use_cpu": True,
+            "bf16": False,
+            "per_device_train_batch_size": 16,
+            "num_generations": 8,
+            "max_completion_length": 16,
+            "max_steps": 2,
+            "learning_rate": 1e-6,
+            "sprm_learning_rate": 1e-2,
+            "logging_steps": 1,
+            "report_to": "none",
+            "save_strategy": "no",
+            "gradient_checkpointing": False,
+            "generation_kwargs": {"suppress_tokens": self.suppress, "min_new_tokens": 6},
+            "seed": 0,
+            "dataloader_num_workers": 0,
+        }
+        fields.update(overrides)
+        return SPRMGRPOConfig(**fields)
+
+    def trainer(self, output_dir: Path, model: Any = None, **overrides: Any) -> SPRMGRPOTrainer:
+        peft_config = overrides.pop("peft_config", None)
+        return SPRMGRPOTrainer(
+            model=self.model() if model is None else model,
+            reward_funcs=self.reward,
+            args=self.args(output_dir, **overrides),
+            train_dataset=self.dataset(),
+            processing_class=self.tok,
+            peft_config=peft_config,
+        )
+
+
+@pytest.fixture(scope="module")
+def task() -> SyntheticTask:
+    return SyntheticTask()
+
+
+def heldout_auc(model: Any, heldout: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+    ids, mask, labels = heldout
+    scores = model.score_trajectories(ids, mask)
+    return binary_auc(scores.log_scores, labels)
+
+
+def sprm_history(trainer: SPRMGRPOTrainer, key: str) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def test_tiny_tokenizer_matches_a_tiny_model(task):
+    tok = task.tok
+    assert tok.padding_side == "left"
+    assert len(tok.encode(".\n\n", add_special_tokens=False)) == 1
+    text = "Janet sells 16 - 3 = 13 eggs.\n\nSo qzx \\boxed{18}</think>"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    ids = [*tok.encode("<think>a.\n\nb</think>", add_special_tokens=False), tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>a.\n\nb</think>"
+    model = task.model()
+    assert model.config.step_token_ids == tok.encode(".\n\n", add_special_tokens=False)
+    assert model.config.think_start_token_id == tok.convert_tokens_to_ids("<think>")
+    assert model.config.text_config.vocab_size == len(tok)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("Assistant: <think>\n")
+
+
+# ---------------------------------------------------------------------------------------------- learning
+def test_spr_loss_falls_and_head_auc_rises(task, tmp_path):
+    heldout = task.heldout()
+    trainer = task.trainer(tmp_path, max_steps=40)
+    auc_before = heldout_auc(trainer.model, heldout)
+    trainer.train()
+    auc_after = heldout_auc(trainer.model, heldout)
+    losses = sprm_history(trainer, "sprm/loss")
+    assert len(losses) == 40
+    early, late = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert late < early - 0.05, (early, late)
+    assert auc_after >= 0.75, (auc_before, auc_after)
+    assert auc_after > auc_before + 0.2, (auc_before, auc_after)
+    # The metrics go through the Trainer's logging.
+    logged = trainer.state.log_history[-2]
+    for key in ("sprm/kept_fraction", "sprm/kept_pos", "sprm/kept_neg", "sprm/score_correct", "sprm/score_incorrect"):
+        assert key in logged
+
+
+# ---------------------------------------------------------------------------------------------- mechanics
+def _batch(trainer: SPRMGRPOTrainer, task: SyntheticTask) -> dict[str, Any]:
+    trainer.model.train()
+    examples = [{"prompt": PROMPT} for _ in range(trainer.args.per_device_train_batch_size)]
+    return trainer._generate_and_score_completions(examples)
+
+
+def test_labels_follow_rewards_and_truncation(task, tmp_path):
+    trainer = task.trainer(tmp_path, per_device_train_batch_size=32)
+    batch = _batch(trainer, task)
+    for ids, mask, correct, truncated in zip(
+        batch["completion_ids"], batch["completion_mask"], batch["sprm_correct"], batch["sprm_truncated"]
+    ):
+        completion = ids[mask.bool()].tolist()
+        assert bool(correct) == task.label(completion)
+        assert bool(truncated) == (completion[-1] != task.EOS)
+    torch.testing.assert_close(batch["sprm_reward"], batch["sprm_correct"].float())
+
+
+def test_one_forward_and_gradient_accumulation_scaling(task, tmp_path):
+    trainer = task.trainer(tmp_path, gradient_accumulation_steps=2)
+    batch = _batch(trainer, task)
+    trainer.current_gradient_accumulation_steps = 2  # set by the training loop; TRL's loss reads it too
+    backbone = trainer.model.model
+    calls = []
+    handle = backbone.register_forward_hook(lambda *a: calls.append(1))
+
+    def loss_with(weight: float) -> torch.Tensor:
+        trainer.args.sprm_loss_weight = weight
+        torch.manual_seed(0)  # same head dropout mask
+        with torch.no_grad():
+            return trainer._compute_loss(trainer.model, batch)
+
+    try:
+        full = loss_with(1.0)
+        assert len(calls) == 1, "the SPR loss must reuse the policy forward pass"
+        spr = trainer._metrics["train"]["sprm/loss"][-1]
+        grpo_only = loss_with(0.0)
+    finally:
+        handle.remove()
+    assert trainer.current_gradient_accumulation_steps == 2
+    assert spr > 0
+    assert (full - grpo_only).item() == pytest.approx(spr / 2, rel=1e-4, abs=1e-6)
+
+
+def test_feature_gradient_scale(task, tmp_path):
+    trainer = task.trainer(tmp_path)
+    batch = _batch(trainer, task)
+    trainer.current_gradient_accumulation_steps = 1
+    param = trainer.model.model.layers[0].mlp.up_proj.weight
+
+    def backbone_grad(weight: float, scale: float) -> torch.Tensor:
+        trainer.args.sprm_loss_weight, trainer.args.sprm_feature_grad_scale = weight, scale
+        trainer.model.zero_grad()
+        torch.manual_seed(0)
+        trainer._compute_loss(trainer.model, batch).backward()
+        return param.grad.detach().clone()
+
+    g_policy = backbone_grad(0.0, 1e-4)
+    g0, g1, g_small = backbone_grad(1.0, 0.0), backbone_grad(1.0, 1.0), backbone_grad(1.0, 1e-4)
+    torch.testing.assert_close(g0, g_policy)  # scale 0: the SPR loss does not touch the backbone
+    assert (g1 - g0).abs().max() > 1e-6
+    torch.testing.assert_close(g_small - g0, 1e-4 * (g1 - g0), rtol=1e-3, atol=1e-9)
+    assert trainer.model.sprm_head[0].weight.grad.abs().sum() > 0
+
+
+def test_head_has_its_own_param_group(task, tmp_path):
+    trainer = task.trainer(tmp_path, sprm_learning_rate=3e-5, sprm_weight_decay=0.01, weight_decay=0.0)
+    optimizer = trainer.create_optimizer()
+    head_group = SPRMGRPOTrainer.head_param_group(optimizer)
+    assert head_group is not None
+    assert head_group["lr"] == 3e-5 and head_group["weight_decay"] == 0.01
+    head_ids = {id(p) for p in trainer.model.sprm_head.parameters()}
+    assert {id(p) for p in head_group["params"]} == head_ids
+    others = [p for g in optimizer.param_groups if g is not head_group for p in g["params"]]
+    assert all(id(p) not in head_ids for p in others)
+    assert all(g["lr"] == 1e-6 for g in optimizer.param_groups if g is not head_group)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == total
+
+
+def test_rejects_model_without_head(task, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(task.tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="SPRM head"):
+        task.trainer(tmp_path, model=Qwen2ForCausalLM(config))
+
+
+# ---------------------------------------------------------------------------------------------- PEFT
+def test_peft_adapter_contains_head_and_reloads(task, tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = task.trainer(tmp_path, peft_config=peft_config, max_steps=3, learning_rate=1e-3)
+    head_before = trainer.model.get_base_model().sprm_head.modules_to_save["default"][0].weight.detach().clone()
+    trainer.train()
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert "sprm_head" in adapter_config["modules_to_save"]
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert any("sprm_head" in k for k in keys) and any("lora_A" in k for k in keys)
+    assert not any("sprm_head" in k and "lora" in k for k in keys)  # the head is saved whole, never LoRA'd
+    trained = trainer.model.get_base_model().sprm_head.modules_to_save["default"]
+    assert not torch.equal(trained[0].weight, head_before)
+
+    ids, mask, _ = task.heldout(n=12)
+    reloaded = PeftModel.from_pretrained(task.model(), str(out))
+    torch.testing.assert_close(
+        trainer.model.eval().score_trajectories(ids, mask).log_scores,
+        reloaded.eval().score_trajectories(ids, mask).log_scores,
+    )
+    trained_scores = trainer.model.merge_and_unload().eval().score_trajectories(ids, mask).log_scores
+    reloaded_scores = reloaded.merge_and_unload().eval().score_trajectories(ids, mask).log_scores
+    torch.testing.assert_close(trained_scores, reloaded_scores)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+class _Snapshot(TrainerCallback):
+    """Records the head weights and the optimizer state when training (re)starts."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, torch.Tensor] = {}
+        self.optimizer: dict[str, Any] = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.head = {k: v.detach().clone() for k, v in model.sprm_head.state_dict().items()}
+        self.optimizer = copy.deepcopy(optimizer.state_dict())  # live tensors keep changing
+
+
+def test_resume_restores_head_and_optimizer_with_gradient_checkpointing(task, tmp_path):
+    first = task.trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, gradient_checkpointing=True)
+    first.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    saved_head = {k.removeprefix("sprm_head."): v for k, v in saved.items() if k.startswith("sprm_head.")}
+    assert set(saved_head) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+    for key, value in first.model.sprm_head.state_dict().items():
+        torch.testing.assert_close(saved_head[key], value)
+
+    snapshot = _Snapshot()
+    second = task.trainer(tmp_path, model=task.model(seed=7), max_steps=3, gradient_checkpointing=True)
+    second.add_callback(snapshot)
+    second.train(resume_from_checkpoint=str(checkpoint))
+    for key, value in saved_head.items():
+        torch.testing.assert_close(snapshot.head[key], value)
+    saved_optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    assert len(snapshot.optimizer["param_groups"]) == len(saved_optimizer["param_groups"])
+    head_group = next(g for g in snapshot.optimizer["param_groups"] if g.get("name") == "sprm_head")
+    assert head_group["weight_decay"] == 0.01
+    for index, state in saved_optimizer["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(snapshot.optimizer["state"][index][name], value)
+    assert second.state.global_step == 3
+
+
+# ---------------------------------------------------------------------------------------------- example script
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+SMOKE_FLAGS = [
+    "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "4",
+    "--max_completion_length", "32", "--use_cpu", "--bf16", "false", "--gradient_checkpointing", "false",
+    "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_example_script_runs_two_steps(tmp_path, data_dir):
+    checkpoint = save_tiny_checkpoint(str(tmp_path / "tiny-metastone"))
+    out = tmp_path / "grpo-sprm-tiny"
+    command = [
+        sys.executable, str(REPO / "examples" / "grpo_sprm.py"), "--model_name_or_path", checkpoint,
+        "--dataset_path", str(data_dir / "gsm8k_test.jsonl"), "--max_train_samples", "32",
+        "--output_dir", str(out), *SMOKE_FLAGS,
+    ]  # fmt: skip
+    proc = _run(command, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "'sprm/loss'" in proc.stdout + proc.stderr
+    assert (out / "model.safetensors").exists()
+    saved = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("sprm_head.") for k in saved)
+
+
+@pytest.mark.slow
+def test_plain_trl_grpo_trains_a_metastone_checkpoint(tmp_path, data_dir):
+    checkpoint = save_tiny_checkpoint(str(tmp_path / "tiny-metastone"))
+    prepared = tmp_path / "gsm8k-grpo"
+    export = [
+        sys.executable, str(REPO / "examples" / "grpo_sprm.py"), "--dataset_path",
+        str(data_dir / "gsm8k_test.jsonl"), "--max_train_samples", "16", "--export_dataset_dir", str(prepared),
+    ]  # fmt: skip
+    proc = _run(export, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trl_cli = Path(sys.executable).parent / "trl"
+    trl = [str(trl_cli)] if trl_cli.exists() else [sys.executable, "-m", "trl.cli"]
+    command = [
+        *trl, "grpo", "--model_name_or_path", checkpoint, "--trust_remote_code", "--dataset_name", str(prepared),
+        "--reward_funcs", "accuracy_reward", "--output_dir", str(tmp_path / "trl-grpo"), *SMOKE_FLAGS,
+    ]  # fmt: skip
+    proc = _run(command, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (tmp_path / "trl-grpo" / "model.safetensors").exists()
