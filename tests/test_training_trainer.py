@@ -315,7 +315,7 @@ def test_resume_restores_head_and_optimizer_with_gradient_checkpointing(task, tm
     second.train(resume_from_checkpoint=str(checkpoint))
     for key, value in saved_head.items():
         torch.testing.assert_close(snapshot.head[key], value)
-    saved_optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    saved_optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert len(snapshot.optimizer["param_groups"]) == len(saved_optimizer["param_groups"])
     head_group = next(g for g in snapshot.optimizer["param_groups"] if g.get("name") == "sprm_head")
     assert head_group["weight_decay"] == 0.01

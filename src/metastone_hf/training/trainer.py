@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.trainer_optimizer import is_optimizer_factory
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
 from ..lora import sprm_peft_config
@@ -368,6 +371,44 @@ class SPRMGRPOTrainer(GRPOTrainer):
         groups = [g for g in groups if g["params"]]
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written to a hidden staging folder and renamed into place when complete.
+
+        A run killed while saving leaves only ``.partial-checkpoint-N`` (ignored by ``get_last_checkpoint``, removed
+        by the next save), never a half-written ``checkpoint-N`` that resuming would pick up.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, f".partial-{name}")
+        if self.args.should_save and os.path.isdir(staging_root):
+            shutil.rmtree(staging_root)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        os.makedirs(staging_root, exist_ok=True)
+        get_output_dir = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging_root  # every rank writes its files into the staging folder
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = get_output_dir
+        self.accelerator.wait_for_everyone()
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = os.path.join(
+                    run_dir, os.path.basename(self.state.best_model_checkpoint)
+                )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     @staticmethod
     def head_param_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
