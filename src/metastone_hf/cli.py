@@ -1,0 +1,329 @@
+"""The ``metastone`` command: demo, generate, score, convert, eval, train, push.
+
+Run ``metastone <command> --help`` for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``error: ...`` with exit status 2, no traceback."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _load_model_and_tokenizer(path: str, dtype: str | None = None, device: str | None = None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import metastone_hf  # noqa: F401  (registers the model type; remote code also works)
+
+    if not Path(path).exists():
+        raise CLIError(f"{path} not found: give the folder of a metastone-hf checkpoint (see `metastone convert`).")
+    torch_dtype = getattr(torch, dtype) if dtype else "auto"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=True)
+    if not hasattr(model, "score_trajectories"):
+        raise CLIError(f"{path} is not a MetaStone checkpoint (model type {model.config.model_type!r}).")
+    if device:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="folder of a metastone-hf checkpoint")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
+    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where it loads)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    effort = parser.add_mutually_exclusive_group()
+    effort.add_argument(
+        "--effort", choices=["low", "medium", "high"], default=None, help="reasoning effort (N = 2/8/32)"
+    )
+    effort.add_argument("--num-candidates", type=int, default=None, help="N candidates per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_generate(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
+    from .evaluation import default_prompt_builder
+
+    prompts = (
+        [args.prompt]
+        if args.prompt
+        else [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    )
+    build = (lambda text: text) if args.raw_prompt else default_prompt_builder(tokenizer, model)
+    inputs = tokenizer([build(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(
+        model.device
+    )
+    effort = args.effort if args.num_candidates is None else None
+    out = model.generate(
+        **inputs,
+        reasoning_effort=effort or (None if args.num_candidates else "medium"),
+        num_candidates=args.num_candidates,
+        selection=args.selection,
+        tokenizer=tokenizer,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=args.seed,
+        progress_bar=not args.no_progress,
+    )
+    prompt_length = inputs["input_ids"].shape[1]
+    results = []
+    for b, prompt in enumerate(prompts):
+        candidates = tokenizer.batch_decode(out.candidates[b, :, prompt_length:], skip_special_tokens=True)
+        chosen = int(out.chosen_index[b])
+        results.append(
+            {
+                "prompt": prompt,
+                "chosen_index": chosen,
+                "answer": candidates[chosen],
+                "scores": [round(float(s), 6) for s in out.scores[b]],
+                "num_steps": out.num_steps[b].tolist(),
+                "candidates": candidates if args.all_candidates else None,
+            }
+        )
+        if not args.json:
+            print(f"=== prompt {b}: chosen candidate {chosen} (score {float(out.scores[b, chosen]):.4f})")
+            print(candidates[chosen])
+            print(
+                "candidate scores: "
+                + ", ".join(
+                    f"{i}:{float(s):.3f}({int(k)} steps)"
+                    for i, (s, k) in enumerate(zip(out.scores[b], out.num_steps[b]))
+                )
+            )
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
+    if args.text is not None:
+        texts = [args.text]
+    else:
+        texts = []
+        for number, line in enumerate(Path(args.input).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "text" in row:
+                texts.append(row["text"])
+            elif "prompt" in row and "completion" in row:
+                texts.append(row["prompt"] + row["completion"])
+            else:
+                raise CLIError(f"{args.input}:{number}: each row needs `text`, or `prompt` and `completion`.")
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    result = model.score_trajectories(encoded["input_ids"], encoded["attention_mask"], batch_size=args.batch_size)
+    rows = [
+        {"score": float(s), "num_steps": int(k), "step_scores": [round(float(x), 6) for x in steps]}
+        for s, k, steps in zip(result.scores, result.num_steps, result.step_scores)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for i, row in enumerate(rows):
+            steps = " ".join(f"{x:.3f}" for x in row["step_scores"])
+            print(f"[{i}] score={row['score']:.4f} steps={row['num_steps']} step_scores: {steps}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import run_convert
+
+    return run_convert(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    from .evaluation import (
+        format_table,
+        load_eval_examples,
+        plot_accuracy_vs_n,
+        run_best_of_n_eval,
+        save_report,
+        summarize,
+    )
+
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
+    examples = load_eval_examples(args.data, args.data_dir, limit=args.limit)
+    presets = model.config.reasoning_effort_presets
+    efforts = args.efforts or list(presets)
+    unknown = [e for e in efforts if e not in presets]
+    if unknown:
+        raise CLIError(f"unknown effort(s) {unknown}; this model knows {sorted(presets)}.")
+    budgets = {e: presets[e] for e in efforts}
+    records = run_best_of_n_eval(
+        model,
+        tokenizer,
+        examples,
+        num_samples=max(budgets.values()),
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        progress_bar=not args.no_progress,
+    )
+    summary = summarize(records, budgets)
+    out_dir = Path(args.output_dir)
+    report = save_report(summary, records, out_dir / "eval_report.json")
+    plot = plot_accuracy_vs_n(
+        summary, out_dir / "accuracy_vs_n.png", title=f"{Path(args.model).name} on {Path(str(args.data)).stem}"
+    )
+    print(format_table(summary))
+    print(f"\nreport: {report}\nplot:   {plot}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_checkpoint
+
+    model, tokenizer = _load_model_and_tokenizer(args.model)
+    metrics = None
+    if args.metrics:
+        summary = json.loads(Path(args.metrics).read_text())
+        summary = summary.get("summary", summary)
+        metrics = {name: round(entry["mean"], 4) for name, entry in summary.get("metrics", {}).items()}
+        if "sprm_auc" in summary:
+            metrics["SPRM AUC"] = round(summary["sprm_auc"], 4)
+    info = push_checkpoint(model, args.repo_id, tokenizer, private=args.private, token=args.token, metrics=metrics)
+    print(f"Pushed to {args.repo_id}: {info}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .training.script import run_training_cli
+
+    return run_training_cli(extra)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.pipeline import run_demo_from_args
+
+    return run_demo_from_args(args)
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metastone", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="reproduce the paper's mechanism end to end on a CPU (no downloads)")
+    from .demo.options import add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="Best-of-N answer for a prompt, with every candidate's SPRM score")
+    _add_model_arguments(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the question")
+    source.add_argument("--prompt-file", help="a text file, one prompt per line")
+    _add_sampling_arguments(gen)
+    gen.add_argument("--selection", choices=["sprm", "sprm_vote", "majority"], default="sprm")
+    gen.add_argument("--raw-prompt", action="store_true", help="do not apply the chat template / <think> prefix")
+    gen.add_argument("--all-candidates", action="store_true", help="include every candidate's text in --json output")
+    gen.add_argument("--json", action="store_true", help="print JSON")
+    gen.set_defaults(func=cmd_generate)
+
+    score = sub.add_parser("score", help="SPRM scores of given trajectories (prompt + completion)")
+    _add_model_arguments(score)
+    given = score.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", help="one trajectory")
+    given.add_argument("--input", help="jsonl with `text` or `prompt` + `completion` per row")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--json", action="store_true")
+    score.set_defaults(func=cmd_score)
+
+    convert = sub.add_parser("convert", help="official MetaStone-S1 release -> metastone-hf checkpoint")
+    from .convert import add_convert_arguments
+
+    add_convert_arguments(convert)
+    convert.set_defaults(func=cmd_convert)
+
+    ev = sub.add_parser("eval", help="Best-of-N evaluation on a dataset: pass@1, maj@N, BoN-SPRM@N, plot")
+    _add_model_arguments(ev)
+    ev.add_argument("--data", required=True, help="aime24 | gsm8k | math500 (with --data-dir) or a .jsonl file")
+    ev.add_argument("--data-dir", default=None, help="folder holding the named datasets' jsonl files")
+    ev.add_argument("--efforts", nargs="+", default=None, help="efforts to report (default: all presets)")
+    ev.add_argument("--limit", type=int, default=None, help="first N questions only")
+    ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
+    ev.add_argument("--max-new-tokens", type=int, default=1024)
+    ev.add_argument("--temperature", type=float, default=0.6)
+    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output-dir", default="metastone-eval")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    train = sub.add_parser(
+        "train",
+        help="GRPO + SPR loss training (all `trl grpo` flags plus --sprm_*); see `metastone train --help`",
+        add_help=False,
+    )
+    train.set_defaults(func=cmd_train, passthrough=True)
+
+    push = sub.add_parser("push", help="push a checkpoint (with a rendered model card) to the Hugging Face Hub")
+    push.add_argument("--model", required=True, help="checkpoint folder")
+    push.add_argument("--repo-id", required=True, help="e.g. your-name/metastone-s1-7b")
+    push.add_argument("--metrics", default=None, help="eval_report.json whose metrics go into the model card")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    push.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "train":
+        return _run(lambda: cmd_train(argparse.Namespace(), argv[1:]))
+    args = parser.parse_args(argv)
+    return _run(lambda: args.func(args))
+
+
+def _run(command: Any) -> int:
+    try:
+        return int(command() or 0)
+    except (CLIError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

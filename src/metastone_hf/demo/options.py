@@ -1,0 +1,23 @@
+"""Command-line options of ``metastone demo`` (kept apart so ``metastone --help`` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the CPU end-to-end reproduction; every budget has a default that meets the 10-minute target."""
+    parser.add_argument(
+        "--output-dir", default="metastone-demo", help="where the checkpoint, table, plot and report go"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny budgets (a CI smoke run: the targets are not expected)"
+    )
+    parser.add_argument("--sft-steps", type=int, default=None, help="SFT warm-start optimizer steps")
+    parser.add_argument("--rl-steps", type=int, default=None, help="joint GRPO + SPR optimizer steps")
+    parser.add_argument("--eval-problems", type=int, default=None, help="held-out problems in the final evaluation")
+    parser.add_argument("--samples", type=int, default=32, help="candidates per held-out problem (max N)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -1,0 +1,93 @@
+"""The `metastone` command end to end on a tiny checkpoint (generate, score, eval, convert errors, push)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metastone_hf import cli
+from metastone_hf.tiny import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-metastone"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "metastone_hf.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_everywhere():
+    for command in ([], ["demo"], ["generate"], ["score"], ["convert"], ["eval"], ["push"]):
+        proc = run_cli(*command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: metastone" in proc.stdout
+
+
+def test_generate_prints_best_answer_and_scores(checkpoint, capsys):
+    code = cli.main(["generate", "--model", checkpoint, "--prompt", "what is one plus one", "--num-candidates", "4",
+                     "--max-new-tokens", "12", "--json", "--no-progress", "--all-candidates"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result) == 1 and len(result[0]["scores"]) == 4 and len(result[0]["candidates"]) == 4
+    assert result[0]["answer"] == result[0]["candidates"][result[0]["chosen_index"]]
+
+
+def test_score_text_and_jsonl(checkpoint, tmp_path, capsys):
+    text = "Question: go <think>\nA.\n\nB.\n\nA.\n\n</think>done"
+    assert cli.main(["score", "--model", checkpoint, "--text", text, "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single[0]["num_steps"] == 3 and 0 < single[0]["score"] < 1
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "Question: go <think>\n", "completion": "A.\n\nB.\n\nA.\n\n</think>done"}) + "\n"
+    )
+    assert cli.main(["score", "--model", checkpoint, "--input", str(rows), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["score"] == pytest.approx(single[0]["score"], rel=1e-5)
+    rows.write_text('{"question": "x"}\n')
+    assert cli.main(["score", "--model", checkpoint, "--input", str(rows)]) == 2
+    assert "needs `text`" in capsys.readouterr().err
+
+
+def test_eval_on_real_data_end_to_end(checkpoint, tmp_path, data_dir, capsys):
+    out = tmp_path / "eval"
+    code = cli.main(["eval", "--model", checkpoint, "--data", "gsm8k", "--data-dir", str(data_dir), "--limit", "2",
+                     "--efforts", "low", "--max-new-tokens", "8", "--output-dir", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| bon_sprm |" in printed and "N=2 (low)" in printed
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["summary"]["questions"] == 2 and report["summary"]["samples_per_question"] == 2
+    assert (out / "accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clear_errors(checkpoint, tmp_path, capsys):
+    assert cli.main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", checkpoint, "--data", "gsm8k"]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", checkpoint, "--data", "x.jsonl", "--efforts", "extreme"]) == 2
+    assert cli.main(["convert", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_push_renders_card_with_metrics(checkpoint, tmp_path, monkeypatch, capsys):
+    uploaded = {}
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        uploaded["card"] = (Path(folder_path) / "README.md").read_text()
+        return "ok"
+
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
+    report = tmp_path / "eval_report.json"
+    report.write_text(json.dumps({"summary": {"metrics": {"bon_sprm@2 (low)": {"mean": 0.5}}, "sprm_auc": 0.75}}))
+    assert cli.main(["push", "--model", checkpoint, "--repo-id", "me/tiny", "--metrics", str(report)]) == 0
+    assert "| bon_sprm@2 (low) | 0.5 |" in uploaded["card"] and "| SPRM AUC | 0.75 |" in uploaded["card"]
