@@ -1,14 +1,5 @@
 #!/usr/bin/env bash
-# Set up a virtualenv (if needed) and run the test suite. Usage: bash scripts/test.sh [pytest args]
+# Set up .venv (if needed) and run the test suite. Usage: bash scripts/test.sh [pytest args]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-# Install the CPU torch wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+. "$(dirname "$0")/setup.sh"
 python -m pytest "$@"

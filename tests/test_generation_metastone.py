@@ -430,3 +430,10 @@ def test_stop_strings_stop_single_rows(model, real_tokenizer):
             assert row_mask[p : p + hits[0] + 1].all() and not row_mask[p + hits[0] + 1 :].any()
     assert stopped > 0
     assert_online_equals_offline(model, out)
+
+
+def test_scores_just_below_one_do_not_tie():
+    # exp(mean logsigmoid) of logits 18 vs 25 are both 1.0 in float32; float64 ranking keeps them apart
+    log_scores = torch.nn.functional.logsigmoid(torch.tensor([18.0, 25.0]))
+    assert log_scores.exp().tolist() == [1.0, 1.0]
+    assert select_sprm(log_scores.double().exp()) == 1

@@ -147,6 +147,7 @@ def run_best_of_n_eval(
     seed: int = 0,
     progress_bar: bool = True,
     keep_completions: bool = False,
+    **generate_kwargs: Any,
 ) -> EvalRecords:
     """Sample ``num_samples`` candidates per question with Best-of-N generate, score, extract and grade them.
 
@@ -156,6 +157,7 @@ def run_best_of_n_eval(
         answer_extractor: completion -> canonical answer for voting; default: the Best-of-N default (``\\boxed``
             via math-verify).
         batch_size: questions per generate call (each has ``num_samples`` candidates).
+        generate_kwargs: any other ``generate`` argument (``top_k``, ``repetition_penalty``, ...).
     """
     from tqdm.auto import tqdm
 
@@ -182,13 +184,14 @@ def run_best_of_n_eval(
             pad_token_id=tokenizer.pad_token_id,
             seed=seed + start,
             progress_bar=False,
+            **generate_kwargs,
         )
         prompt_length = inputs["input_ids"].shape[1]
         for b, example in enumerate(batch):
             texts = tokenizer.batch_decode(out.candidates[b, :, prompt_length:], skip_special_tokens=True)
             ids = out.candidates[b, :, prompt_length:]
             correct.append([grader(t, example.answer) for t in texts])
-            scores.append(out.scores[b].float().cpu().tolist())
+            scores.append(out.log_scores[b].double().exp().cpu().tolist())  # float64: no ties at 1.0
             answers.append([extractor(t) for t in texts])
             truncated.append([not bool(torch.isin(row, torch.tensor(eos_ids, device=row.device)).any()) for row in ids])
             if keep_completions:

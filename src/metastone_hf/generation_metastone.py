@@ -154,7 +154,7 @@ def extract_boxed_answer(text: str) -> str | None:
 
 def _rankable(scores: torch.Tensor) -> torch.Tensor:
     """NaN scores (non-finite features, see ``score_trajectories``) rank last."""
-    scores = scores.detach().float()
+    scores = scores.detach().double()  # float64: scores just below 1.0 must not tie
     return scores.masked_fill(scores.isnan(), float("-inf"))
 
 
@@ -695,13 +695,15 @@ def best_of_n_generate(
 
     # ---------------- selection
     scores = result.scores.view(batch_size, n)
+    # Strategies rank float64 scores: float32 `exp` rounds scores within ~6e-8 of 1 to exactly 1.0 (ties).
+    ranking_scores = result.log_scores.double().exp().view(batch_size, n)
     answers: list[list[Hashable | None]] | None = None
     if needs_answers:
         flat = _decode_answers(tokenizer, sequences, candidate_mask, prompt_length, extractor)
         answers = [flat[b * n : (b + 1) * n] for b in range(batch_size)]
     chosen = []
     for b in range(batch_size):
-        index = int(strategy(scores[b], None if answers is None else answers[b]))
+        index = int(strategy(ranking_scores[b], None if answers is None else answers[b]))
         if not 0 <= index < n:
             raise ValueError(f"The selection strategy returned index {index}, outside 0..{n - 1}.")
         chosen.append(index)

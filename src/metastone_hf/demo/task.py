@@ -1,0 +1,279 @@
+"""Synthetic "stale-fact pointer chase" task for the CPU demo of MetaStone-S1.
+
+Why this task
+-------------
+The demo has to show, with a tiny model trained from scratch on one or two CPU cores in a few
+minutes, the mechanism of the paper: a policy whose sampled trajectories sometimes contain a wrong
+step, and a self-supervised process-reward head (SPRM, trained from outcome labels only) that finds
+those steps from the policy's own hidden states, so that Best-of-N with the head beats pass@1,
+random pick and majority vote.
+
+* **Learnable fast.**  Every step is two one-layer operations for a transformer: copy the previous
+  step's end node (fixed offset) and find, by content, the fact whose key matches (a whole fact
+  ``x:y`` is ONE token, see :func:`build_tokenizer`).  With char-level facts the lookup needs an
+  induction circuit and a 0.2-1M model stayed on the uniform-guess plateau for 900+ steps.
+* **Errors concentrate** (so majority vote can fail).  Each problem contains one *stale* fact for a
+  node on the chain (written ``x~y`` instead of ``x:y``).  The imperfect teacher follows the stale
+  fact with a per-problem probability (higher when the stale fact is listed *after* the current one:
+  a "recency" bias visible in the prompt; the tiny policy learns it).  After the stale edge it
+  continues correctly from the wrong node, so all its wrong trajectories end on the SAME wrong answer;
+  where that rate is above 1/2 the wrong answer is the plurality and majority vote picks it.
+* **The wrong step is visible.**  A step cites the fact it uses and tags it ``(new)`` / ``(old)``,
+  like a reasoning step that says which number it took.  Nothing tells the head that ``(old)`` is
+  bad: it learns it from outcome labels only (SPR loss).  The tag is the step's last token, i.e.
+  exactly where the head reads; without it (fact token last) the staleness was only weakly readable
+  from the tiny policy's ``hidden_states[-2]`` (trajectory AUC 0.60-0.81).  One stale fact about an
+  off-chain node is added as noise.
+
+Format (one example)::
+
+    prompt      "e~c g:f c:e b~g a:c e:d b:h d:b h:g f:a ?c"
+    completion  "<think>c>c:e(new).\n\ne>e:d(new).\n\nd>d:b(new).\n\n</think>\\boxed{b}<eos>"   correct
+    completion  "<think>c>c:e(new).\n\ne>e~c(old).\n\nc>c:e(new).\n\n</think>\\boxed{e}<eos>"   wrong
+
+Facts over the nodes ``a..h`` (the current successor map is one random 8-cycle), the question
+``?c`` = "start at ``c``, follow :data:`HOPS` (3) current edges; where do you end?".  ``x>`` = "at node
+x".  Steps are separated by the step token ``".\n\n"`` (one token), the last step is also closed by
+it, then ``</think>`` and the boxed answer.
+
+Public API: :func:`make_problem`, :func:`make_split`, :func:`teacher_completion`,
+:func:`format_prompt`, :func:`extract_answer`, :func:`reward`, :func:`reward_fn`,
+:func:`build_tokenizer`, constants :data:`STEP_TEXT`, :data:`THINK`, :data:`END_THINK`.
+Imports only the standard library at module level; ``transformers``/``tokenizers`` lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "NODES",
+    "STEP_TEXT",
+    "THINK",
+    "END_THINK",
+    "Problem",
+    "make_problem",
+    "make_split",
+    "format_prompt",
+    "teacher_completion",
+    "teacher_trajectory",
+    "extract_answer",
+    "reward",
+    "reward_fn",
+    "build_tokenizer",
+    "teacher_error_rate",
+    "format_completion",
+]
+
+NODES = "abcdefgh"
+STEP_TEXT = ".\n\n"
+THINK = "<think>"
+END_THINK = "</think>"
+BOX_OPEN = "\\boxed{"
+BOX_CLOSE = "}"
+TAG_NEW, TAG_OLD = "(new)", "(old)"
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+HOPS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One problem.
+
+    Attributes:
+        facts: listed facts in prompt order, each ``(key, sep, value)`` with ``sep`` ``":"`` (current)
+            or ``"~"`` (stale).
+        start: start node.
+        hops: number of edges to follow.
+        answer: the correct end node (a letter).
+        trap_key: node on the chain that also has a stale fact.
+        trap_value: the stale successor of ``trap_key``.
+        wrong_answer: where a trajectory that takes the stale edge (and is otherwise right) ends.
+        stale_after: whether the trap's stale fact is listed after its current fact (the teacher's
+            "recency" bias makes it take the stale edge more often then).
+        uid: integer seed that generated it (unique id).
+    """
+
+    facts: tuple
+    start: str
+    hops: int
+    answer: str
+    trap_key: str
+    trap_value: str
+    wrong_answer: str
+    stale_after: bool
+    uid: int
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self)
+
+
+def _succ_map(order: Sequence[str]) -> dict:
+    return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+
+
+def make_problem(uid: int, n_noise_stale: int = 1, hops: int = HOPS) -> Problem:
+    """Deterministically build problem number ``uid`` (its own ``random.Random(uid)``).
+
+    The current successor map is a random cycle over :data:`NODES`; ``hops`` edges are followed from a
+    random start; one chain node (at a random hop) gets a stale fact pointing to a random other node
+    (never its current successor nor itself); ``n_noise_stale`` off-chain nodes get stale facts too.
+    """
+    rng = random.Random(uid * 7919 + 17)
+    order = list(NODES)
+    rng.shuffle(order)
+    succ = _succ_map(order)
+    start = rng.choice(NODES)
+    chain = [start]
+    for _ in range(hops):
+        chain.append(succ[chain[-1]])
+    t = rng.randrange(hops)
+    trap_key = chain[t]
+    trap_value = rng.choice([n for n in NODES if n not in (trap_key, succ[trap_key])])
+    node = trap_value
+    for _ in range(hops - t - 1):
+        node = succ[node]
+    wrong = node
+    assert wrong != chain[-1]
+    facts = [(k, ":", succ[k]) for k in NODES]
+    rng.shuffle(facts)
+    # insert the stale fact before or after the trap key's current fact
+    pos_cur = next(i for i, f in enumerate(facts) if f[0] == trap_key)
+    stale_after = rng.random() < 0.5
+    lo, hi = (pos_cur + 1, len(facts)) if stale_after else (0, pos_cur)
+    facts.insert(rng.randint(lo, hi), (trap_key, "~", trap_value))
+    off_chain = [n for n in NODES if n not in chain[:-1]]
+    for k in rng.sample(off_chain, min(n_noise_stale, len(off_chain))):
+        v = rng.choice([n for n in NODES if n not in (k, succ[k])])
+        facts.insert(rng.randint(0, len(facts)), (k, "~", v))
+    return Problem(tuple(facts), start, hops, chain[-1], trap_key, trap_value, wrong, stale_after, uid)
+
+
+def make_split(split: str, n: int, seed: int = 0, **kw) -> list:
+    """``n`` problems of ``split`` (``"train"`` or ``"test"``); the two never share a uid.
+
+    Train uids are even, held-out (``"test"``) uids are odd, so the splits are disjoint for any seed.
+    (Identical prompts across splits are possible in principle but astronomically rare:
+    8-cycles x start x trap x orderings; 0 found in 2000 train vs 200 test.)
+    """
+    if split not in ("train", "test"):
+        raise ValueError(split)
+    parity = 0 if split == "train" else 1
+    base = (seed + 1) * 1_000_003
+    return [make_problem(2 * (base + i) + parity, **kw) for i in range(n)]
+
+
+def format_prompt(p: Problem) -> str:
+    """``"b:e h:a ... g:b ?a"``: the facts, then ``?`` and the start node (the hop count is fixed)."""
+    facts = " ".join(f"{k}{s}{v}" for k, s, v in p.facts)
+    return f"{facts} ?{p.start}"
+
+
+def teacher_error_rate(p: Problem, rates: tuple = (0.25, 0.70)) -> float:
+    """Per-problem probability that the imperfect teacher takes the stale edge.
+
+    ``rates = (when the stale fact is listed before the current one, when it is listed after)``.
+    """
+    return rates[1] if p.stale_after else rates[0]
+
+
+def teacher_trajectory(p: Problem, rng: random.Random, rates: tuple = (0.25, 0.70)) -> tuple:
+    """Sample the teacher's step list and final node. Returns ``(steps, final_node, used_stale)``."""
+    facts_cur = {k: v for k, s, v in p.facts if s == ":"}
+    node, steps, used = p.start, [], False
+    for _ in range(p.hops):
+        if node == p.trap_key and rng.random() < teacher_error_rate(p, rates):
+            nxt, sep, used = p.trap_value, "~", True
+        else:
+            nxt, sep = facts_cur[node], ":"
+        steps.append(f"{node}>{node}{sep}{nxt}" + (TAG_OLD if sep == "~" else TAG_NEW))
+        node = nxt
+    return steps, node, used
+
+
+def format_completion(steps: Iterable[str], final: str) -> str:
+    body = "".join(s + STEP_TEXT for s in steps)
+    return f"{THINK}{body}{END_THINK}{BOX_OPEN}{final}{BOX_CLOSE}"
+
+
+def teacher_completion(p: Problem, rng: random.Random, rates: tuple = (0.25, 0.70)) -> str:
+    """A teacher completion (without EOS) for ``p``; takes the stale edge at ``teacher_error_rate``.
+
+    ``rates=(0, 0)`` gives the perfect teacher.
+    """
+    steps, final, _ = teacher_trajectory(p, rng, rates)
+    return format_completion(steps, final)
+
+
+_BOX_RE = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def extract_answer(completion: str):
+    """The content of the last ``\\boxed{...}`` after the last ``</think>`` (None if absent)."""
+    tail = completion.rsplit(END_THINK, 1)
+    if len(tail) != 2:
+        return None
+    found = _BOX_RE.findall(tail[1])
+    return found[-1].strip() if found else None
+
+
+def reward(completion: str, answer: str) -> float:
+    """Exact-match outcome reward: 1.0 if the boxed answer after ``</think>`` equals ``answer``."""
+    got = extract_answer(completion)
+    return 1.0 if got is not None and got == str(answer).strip() else 0.0
+
+
+def reward_fn(completions, answer, **kwargs):
+    """TRL-style reward function (``completions`` as strings or chat messages, ``answer`` column)."""
+    out = []
+    for c, a in zip(completions, answer):
+        if isinstance(c, list):
+            c = c[-1]["content"] if c else ""
+        out.append(reward(c, a))
+    return out
+
+
+def build_tokenizer():
+    """A tiny in-memory ``PreTrainedTokenizerFast`` for this task (no download).
+
+    Tokens: a whole fact ``x:y`` / ``x~y`` (x, y in :data:`NODES`) is ONE token, ``x>`` ("at node x") is
+    one token, ``<think>``, ``</think>``, ``\\boxed{`` and the step separator ``".\\n\\n"`` are one token
+    each, anything else is one token per character.  This keeps every step a pair of one-layer
+    operations for the transformer (copy the previous step's end node at a fixed offset; find the fact
+    whose key matches by content), which a tiny model learns in a couple of minutes on one CPU core.
+
+    Specials: ``<pad>`` (id 0), ``<bos>``, ``<eos>``, ``<unk>``; ``padding_side="left"``; decoding
+    concatenates tokens (no spaces inserted), so ``decode(encode(text)) == text``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, UNK]
+    multi = [THINK, END_THINK, BOX_OPEN, STEP_TEXT, TAG_NEW, TAG_OLD]
+    facts = [f"{k}{s}{v}" for s in ":~" for k in NODES for v in NODES]
+    keys = [f"{k}>" for k in NODES]
+    chars = list(NODES) + list("ijklmnopqrstuvwxyz") + list("0123456789") + list(":~?.,=+-*/()[]{}<>|\\ \n")
+    vocab = {}
+    for t in specials + multi + facts + keys + chars:
+        if t not in vocab:
+            vocab[t] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    n = f"[{NODES}]"
+    pattern = "|".join(re.escape(t) for t in multi) + f"|{n}[:~]{n}|{n}>" + r"|[\s\S]"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+    )
+    fast.add_tokens([THINK, END_THINK])  # plain (non-special) added tokens, like Qwen's; ids unchanged
+    assert fast.encode(STEP_TEXT, add_special_tokens=False) == [vocab[STEP_TEXT]]
+    return fast
