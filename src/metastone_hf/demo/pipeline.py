@@ -58,7 +58,7 @@ class DemoConfig:
     sprm_learning_rate: float = 1e-3
     max_completion_length: int = 32
     # evaluation
-    eval_problems: int = 200
+    eval_problems: int = 400
     samples: int = 32
     eval_batch_size: int = 8
     temperature: float = 1.0
