@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 from conftest import END_THINK, STEP, THINK
 from test_modeling_metastone import plain_twin
-from test_remote_code import CLEAN_LOADER
+from test_remote_code import CLEAN_LOADER, run_without_package
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from metastone_hf import BestOfNOutput
@@ -392,18 +390,7 @@ def test_best_of_n_from_a_remote_code_checkpoint(model, tmp_path):
     model.save_pretrained(folder)
     assert (folder / "generation_metastone.py").exists()
     ids, mask = PROMPTS
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "hf_home")
-    proc = subprocess.run(
-        [sys.executable, "-c", BEST_OF_N_LOADER, str(folder), json.dumps([ids.tolist(), mask.tolist()])],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_without_package(BEST_OF_N_LOADER, tmp_path, str(folder), json.dumps([ids.tolist(), mask.tolist()]))
     assert got["module"].startswith("transformers_modules") and got["module"].endswith("generation_metastone")
     expected = model.generate(
         ids, attention_mask=mask, num_candidates=3, seed=6, max_new_tokens=12, progress_bar=False, **STEPPY

@@ -49,6 +49,17 @@ CLEAN_LOADER = textwrap.dedent(
 )
 
 
+def run_without_package(script: str, tmp_path, *args: str) -> dict:
+    """Run ``script`` (which blocks ``metastone_hf``) in a fresh interpreter; return its last stdout line as JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # remote-code module cache of its own
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_remote_code_load_without_the_package(tmp_path):
     model = tiny_metastone(seed=21)
     folder = tmp_path / "ckpt"
@@ -59,18 +70,7 @@ def test_remote_code_load_without_the_package(tmp_path):
     assert (folder / "model.safetensors").exists()
 
     ids = [[1, THINK, 9, 5, 33, 44, 5, 5, 12, 5, END_THINK, 70], [1, THINK, 90, 91, 5, 92, 93, 94, 5, 8, END_THINK, 71]]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "hf_home")  # remote-code module cache of its own
-    proc = subprocess.run(
-        [sys.executable, "-c", CLEAN_LOADER, str(folder), json.dumps(ids)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    loaded = run_without_package(CLEAN_LOADER, tmp_path, str(folder), json.dumps(ids))
 
     with torch.no_grad():
         expected_logits = model(torch.tensor(ids)).logits

@@ -42,12 +42,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 from transformers import DynamicCache, GenerationMixin, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 from transformers.utils.logging import tqdm
 
 from .modeling_metastone import _eval_mode, build_sprm_scores
-
-logger = logging.get_logger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Output
@@ -684,14 +682,7 @@ def best_of_n_generate(
     score_mask = model.sprm_score_mask(sequences, candidate_mask)
     if bool((score_mask & ~recorded).any()):
         raise RuntimeError("Internal error: a scored step has no online SPRM logit.")
-    broken_rows = (~torch.isfinite(step_logits) & score_mask).any(dim=-1).nonzero().flatten().tolist()
-    if broken_rows:
-        logger.warning(
-            "Non-finite SPRM logits in Best-of-N candidates %s (rows of the B*N batch): their score is NaN and they "
-            "rank last. Check the model weights and the dtype (fp16 overflow).",
-            broken_rows,
-        )
-    result = build_sprm_scores(step_logits, score_mask)
+    result = build_sprm_scores(step_logits, score_mask)  # warns about non-finite rows (of the B*N batch)
 
     # ---------------- selection
     scores = result.scores.view(batch_size, n)

@@ -375,15 +375,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
                     self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
                 logits_chunks.append(self.sprm_logits_from_features(captured[-1]).float())
         step_logits = torch.cat(logits_chunks, dim=0)
-        score_mask = self.sprm_score_mask(input_ids, attention_mask)
-        broken_rows = (~torch.isfinite(step_logits) & score_mask).any(dim=-1).nonzero().flatten().tolist()
-        if broken_rows:
-            logger.warning(
-                "Non-finite SPRM logits (NaN/inf features) in trajectories %s: their score is NaN and Best-of-N "
-                "ranks them last. Check the model weights and the dtype (fp16 overflow).",
-                broken_rows,
-            )
-        return build_sprm_scores(step_logits, score_mask)
+        return build_sprm_scores(step_logits, self.sprm_score_mask(input_ids, attention_mask))
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -523,7 +515,18 @@ _LOAD_KWARGS = ("dtype", "device_map", "attn_implementation", "trust_remote_code
 
 
 def build_sprm_scores(step_logits: torch.Tensor, score_mask: torch.Tensor) -> SPRMScores:
-    """Assemble [`SPRMScores`] from per-position logits ``[B, T]`` and the score mask ``[B, T]``."""
+    """Assemble [`SPRMScores`] from per-position logits ``[B, T]`` and the score mask ``[B, T]``.
+
+    Rows with a non-finite step logit (NaN/inf features) get a NaN score, which every selection ranks last;
+    a warning names them.
+    """
+    broken_rows = (~torch.isfinite(step_logits) & score_mask).any(dim=-1).nonzero().flatten().tolist()
+    if broken_rows:
+        logger.warning(
+            "Non-finite SPRM logits (NaN/inf features) in trajectories %s: their score is NaN and Best-of-N ranks "
+            "them last. Check the model weights and the dtype (fp16 overflow).",
+            broken_rows,
+        )
     log_scores = sprm_trajectory_log_scores(step_logits, score_mask)
     per_row_logits = [row[mask] for row, mask in zip(step_logits.float(), score_mask)]
     return SPRMScores(
