@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import END_THINK, STEP, THINK
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import reference_official_scores
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
@@ -206,3 +210,34 @@ def test_plain_generate_is_unchanged():
     torch.manual_seed(0)
     stock = twin.generate(ids, max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=0)
     assert torch.equal(ours, stock)
+
+
+# ---------------------------------------------------------------- fuzz: random ids, random think/step placements
+@functools.lru_cache(maxsize=1)
+def _fuzz_model():
+    model = tiny_metastone(seed=31)
+    return model, plain_twin(model)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(
+            st.one_of(st.integers(8, 511), st.sampled_from([STEP, STEP, THINK, END_THINK])), min_size=1, max_size=40
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    side=st.sampled_from(["left", "right"]),
+)
+def test_fuzz_score_trajectories_against_the_official_path(rows, side):
+    model, twin = _fuzz_model()
+    ids, mask = pad(rows, side)
+    result = model.score_trajectories(ids, mask)
+    for i, row in enumerate(rows):
+        expected_score, expected_logits = reference_official_scores(
+            twin, model.sprm_head, row, [STEP], THINK, END_THINK
+        )
+        assert result.num_steps[i].item() == len(expected_logits)
+        torch.testing.assert_close(result.step_logits[i], torch.tensor(expected_logits), atol=1e-4, rtol=1e-4)
+        assert abs(result.scores[i].item() - expected_score) < 1e-4
