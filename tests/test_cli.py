@@ -25,7 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_everywhere():
-    for command in ([], ["demo"], ["generate"], ["score"], ["convert"], ["eval"], ["push"]):
+    for command in ([], ["demo"], ["generate"], ["score"], ["convert"], ["eval"], ["train"], ["push"]):
         proc = run_cli(*command, "--help")
         assert proc.returncode == 0, proc.stderr
         assert "usage: metastone" in proc.stdout

@@ -1,4 +1,4 @@
-"""The ``metastone`` command: demo, generate, score, convert, eval, train, push.
+"""metastone: demo, generate, score, convert, eval, train and push MetaStone-S1 models.
 
 Run ``metastone <command> --help`` for each command's options.
 """
