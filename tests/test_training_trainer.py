@@ -377,3 +377,11 @@ def test_plain_trl_grpo_trains_a_metastone_checkpoint(tmp_path, data_dir):
     proc = _run(command, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (tmp_path / "trl-grpo" / "model.safetensors").exists()
+
+
+def test_bf16_mixed_precision_step_on_cpu(task, tmp_path):
+    trainer = task.trainer(tmp_path, max_steps=2, bf16=True)
+    trainer.train()
+    losses = sprm_history(trainer, "sprm/loss")
+    assert len(losses) == 2 and all(0.0 < loss < 10.0 for loss in losses)
+    assert next(trainer.model.sprm_head.parameters()).dtype == torch.float32  # master weights stay fp32
