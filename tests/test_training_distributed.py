@@ -78,6 +78,10 @@ def worker(output_dir: str) -> None:
     rank = state.process_index
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     trainer.accelerator.wait_for_everyone()
+    # Tear gloo down explicitly: left to interpreter exit, its threads can abort the process
+    # ("terminate called without an active exception") after training has already succeeded.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
