@@ -324,31 +324,38 @@ class _OnlineSPRMScorer(StoppingCriteria):
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs: Any
     ) -> torch.BoolTensor:
+        # Called once per decoded token: most tokens are neither steps nor stops, so those cases cost one or two
+        # comparisons (`any()` is free on CPU and one sync on GPU; this criterion already syncs to return).
         length = input_ids.shape[1]
         new_tokens = input_ids[:, -1]
-        alive = ~self.finished  # rows for which the new token is real (finished rows get padding)
-        # The mask's local rules are final already: a step token right after a step token or after `<think>` never
-        # counts, so it is not recorded. The span rules depend on later tokens and wait for the final sequence.
-        previous = input_ids[:, -2]
-        local_ok = ~torch.isin(previous, self.step_ids)
-        if self.think_start_token_id is not None:
-            local_ok &= previous != self.think_start_token_id
-        rows = (torch.isin(new_tokens, self.step_ids) & alive & local_ok).nonzero().flatten()
-        if rows.numel():
-            if self.pending is None:
-                raise RuntimeError("No SPRM logit was captured for the last forward pass.")
-            self.add(rows, torch.full_like(rows, length - 2), self.pending[rows])
-        stopping = self.stop_requests.clone()
-        self.stop_requests.zero_()
+        is_step = torch.isin(new_tokens, self.step_ids)
+        if bool(is_step.any()):
+            # The mask's local rules are final already: a step token right after a step token or after `<think>`
+            # never counts, so it is not recorded. The span rules depend on later tokens and wait for the end.
+            previous = input_ids[:, -2]
+            keep = is_step & ~self.finished & ~torch.isin(previous, self.step_ids)  # finished rows get padding
+            if self.think_start_token_id is not None:
+                keep &= previous != self.think_start_token_id
+            rows = keep.nonzero().flatten()
+            if rows.numel():
+                if self.pending is None:
+                    raise RuntimeError("No SPRM logit was captured for the last forward pass.")
+                self.add(rows, torch.full_like(rows, length - 2), self.pending[rows])
+        stopping = self.stop_requests
         if self.eos_token_ids is not None:
-            stopping |= torch.isin(new_tokens, self.eos_token_ids)
-        stopping &= alive
-        if self.pruning and bool((torch.isin(new_tokens, self.mask_changing_ids) & alive).any()):
-            prune = self._rows_to_prune(input_ids, running=alive & ~stopping, completed=self.finished | stopping)
+            stopping = stopping | torch.isin(new_tokens, self.eos_token_ids)
+        if self.pruning and bool(torch.isin(new_tokens, self.mask_changing_ids).any()):
+            alive = ~self.finished
+            prune = self._rows_to_prune(
+                input_ids, running=alive & ~stopping, completed=self.finished | (stopping & alive)
+            )
             self.pruned |= prune
-            stopping |= prune
-        self.finished_length[stopping] = length
-        self.finished |= stopping
+            stopping = stopping | prune
+        stopping = stopping & ~self.finished
+        if bool(stopping.any()):
+            self.finished_length[stopping] = length
+            self.finished |= stopping
+        self.stop_requests = torch.zeros_like(self.stop_requests)
         if self.progress is not None:
             self.progress.update(1)
             if self.pruning:
