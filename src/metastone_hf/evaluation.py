@@ -10,12 +10,11 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .metrics import best_of_n_accuracy, bootstrap_ci, pass_at_1, random_pick_accuracy, roc_auc, vote_accuracy
 
@@ -128,7 +127,6 @@ class EvalRecords:
     scores: np.ndarray
     answers: list[list[str | None]]
     completions: list[list[str]] = field(default_factory=list)
-    truncated: np.ndarray | None = None
 
 
 def run_best_of_n_eval(
@@ -165,8 +163,7 @@ def run_best_of_n_eval(
 
     extractor = answer_extractor or extract_boxed_answer
     build = prompt_builder or default_prompt_builder(tokenizer, model)
-    correct, scores, answers, completions, truncated = [], [], [], [], []
-    eos_ids = _eos_ids(model, tokenizer)
+    correct, scores, answers, completions = [], [], [], []
     bar = tqdm(total=len(examples), desc="eval", unit="question", disable=not progress_bar)
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
@@ -189,18 +186,14 @@ def run_best_of_n_eval(
         prompt_length = inputs["input_ids"].shape[1]
         for b, example in enumerate(batch):
             texts = tokenizer.batch_decode(out.candidates[b, :, prompt_length:], skip_special_tokens=True)
-            ids = out.candidates[b, :, prompt_length:]
             correct.append([grader(t, example.answer) for t in texts])
             scores.append(out.log_scores[b].double().exp().cpu().tolist())  # float64: no ties at 1.0
             answers.append([extractor(t) for t in texts])
-            truncated.append([not bool(torch.isin(row, torch.tensor(eos_ids, device=row.device)).any()) for row in ids])
             if keep_completions:
                 completions.append(texts)
         bar.update(len(batch))
     bar.close()
-    return EvalRecords(
-        np.array(correct, dtype=float), np.array(scores, dtype=float), answers, completions, np.array(truncated)
-    )
+    return EvalRecords(np.array(correct, dtype=float), np.array(scores, dtype=float), answers, completions)
 
 
 def default_prompt_builder(tokenizer: Any, model: Any) -> Callable[[str], str]:
@@ -221,12 +214,6 @@ def default_prompt_builder(tokenizer: Any, model: Any) -> Callable[[str], str]:
     return build
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-# ---------------------------------------------------------------------------------------------- reporting
 def summarize(
     records: EvalRecords, budgets: dict[str, int] | Sequence[int] = (2, 8, 32), confidence: float = 0.95
 ) -> dict[str, Any]:
@@ -349,6 +336,4 @@ def save_report(summary: dict[str, Any], records: EvalRecords, path: str | Path)
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
