@@ -119,26 +119,29 @@ def tiny_metastone_for_tokenizer(
     seed: int = 0,
     hidden_size: int = 32,
     num_hidden_layers: int = 2,
+    text_overrides: dict[str, Any] | None = None,
     **sprm_kwargs: Any,
 ) -> MetaStoneForCausalLMWithSPRM:
     """A tiny MetaStone model (default init, head *not* rescaled) whose vocab, step and think ids match ``tokenizer``.
 
-    The generation config gets the tokenizer's eos/pad ids. Returned in train mode, ready for a trainer.
+    ``text_overrides`` replace any backbone config field (heads, widths, ``tie_word_embeddings``, ...). The
+    generation config gets the tokenizer's eos/pad ids. Returned in train mode, ready for a trainer.
     """
     for key, value in MetaStoneConfig.sprm_token_ids_from_tokenizer(tokenizer).items():
         sprm_kwargs.setdefault(key, value)
-    text = tiny_text_config(
-        architecture,
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    fields: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
         **({"head_dim": hidden_size // 4} if architecture == "qwen3" else {}),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **(text_overrides or {}),
+    }
+    text = tiny_text_config(architecture, **fields)
     config = MetaStoneConfig(text_config=text, **sprm_kwargs)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id

@@ -70,31 +70,23 @@ class DemoConfig:
 
 # ---------------------------------------------------------------------------------------------- model
 def build_demo_model(tokenizer: Any, config: DemoConfig) -> Any:
-    from transformers import Qwen2Config
+    """A Qwen2-style MetaStone model sized by ``config``, its vocab and step/think ids read from ``tokenizer``."""
+    from ..tiny import tiny_metastone_for_tokenizer
 
-    from ..configuration_metastone import MetaStoneConfig
-    from ..modeling_metastone import MetaStoneForCausalLMWithSPRM
-
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
+    model = tiny_metastone_for_tokenizer(
+        tokenizer,
+        seed=config.seed,
         hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        text_overrides={
+            "intermediate_size": config.intermediate_size,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_heads,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": True,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
     )
-    ids = MetaStoneConfig.sprm_token_ids_from_tokenizer(tokenizer, step_text=task.STEP_TEXT)
-    metastone = MetaStoneConfig(text_config=text, **ids)
-    metastone.pad_token_id, metastone.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    torch.manual_seed(config.seed)
-    model = MetaStoneForCausalLMWithSPRM(metastone)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
 
