@@ -1,4 +1,4 @@
-"""Slow, obvious re-implementations of the official MetaStone-S1 semantics (DESIGN.md §1), for tests only.
+"""Slow, obvious re-implementations of the official MetaStone-S1 semantics, for tests only.
 
 Written from the specification, one Python loop per rule, independent of the vectorised code under test.
 """

@@ -49,6 +49,7 @@ class StepLog(TrainerCallback):
                 for name, value in entry.items()
             ),
             "head_group_lr": next(g["lr"] for g in optimizer.param_groups if g.get("name") == "sprm_head"),
+            "policy_group_lr": next(g["lr"] for g in optimizer.param_groups if g.get("name") != "sprm_head"),
             "rng_restored": torch.equal(torch.get_rng_state(), saved_rng["cpu"]),
         }
         (Path(args.output_dir) / "resume_checks.json").write_text(json.dumps(checks))

@@ -70,3 +70,35 @@ def test_encoder_decoder_backbone_is_refused():
 def test_one_layer_backbone_cannot_feed_layer_minus_two():
     with pytest.raises(ValueError, match="needs at least 2 layers"):
         MetaStoneConfig(text_config=tiny_text_config(num_hidden_layers=1), **IDS)
+
+
+def test_paper_mode_takes_every_token_containing_the_step_text(real_tokenizer):
+    ids = MetaStoneConfig.sprm_token_ids_from_tokenizer(real_tokenizer, mode="paper")
+    # Independent of decoding: in the byte-level vocabulary '\n' is spelled 'Ċ'.
+    expected = sorted(i for token, i in real_tokenizer.get_vocab().items() if ".ĊĊ" in token)
+    assert ids["step_token_ids"] == expected
+    assert len(expected) == 46 and 382 in expected
+    assert real_tokenizer.convert_tokens_to_ids(").ĊĊ") in expected
+    assert (ids["think_start_token_id"], ids["think_end_token_id"]) == (151648, 151649)
+
+
+def test_zh_mode_equals_the_official_scorers_chinese_tokens(real_tokenizer):
+    # The official scoring server's loop, as written there.
+    official = []
+    for token in real_tokenizer.get_vocab():
+        token_id = real_tokenizer.convert_tokens_to_ids([token])[0]
+        decoded = real_tokenizer.decode([token_id])
+        for char in ["\n", "。"]:
+            if char in decoded and len(decoded.replace(char, "")) <= 1 and len(decoded) <= 3:
+                official.append(token_id)
+                break
+    ids = MetaStoneConfig.sprm_token_ids_from_tokenizer(real_tokenizer, mode="zh")
+    assert ids["step_token_ids"] == sorted(official)
+    assert 382 in official and real_tokenizer.convert_tokens_to_ids("ãĢĤ") in official  # '.\n\n' and '。'
+
+
+def test_unknown_step_mode_is_refused(real_tokenizer):
+    with pytest.raises(ValueError, match="Unknown step-token mode"):
+        MetaStoneConfig.sprm_token_ids_from_tokenizer(real_tokenizer, ".\n\n")
+    with pytest.raises(ValueError, match="No token of this tokenizer"):
+        MetaStoneConfig.sprm_token_ids_from_tokenizer(real_tokenizer, mode="paper", step_text="§§§never§§§")

@@ -424,3 +424,21 @@ def test_scores_just_below_one_do_not_tie():
     log_scores = torch.nn.functional.logsigmoid(torch.tensor([18.0, 25.0]))
     assert log_scores.exp().tolist() == [1.0, 1.0]
     assert select_sprm(log_scores.double().exp()) == 1
+
+
+def test_online_scores_with_several_step_tokens_equal_score_trajectories():
+    # As in the paper / zh step modes: several ids end a step, and a run mixing them counts once.
+    other_step = 11
+    model = tiny_metastone(seed=33, step_token_ids=[STEP, other_step])
+    ids, mask = PROMPTS
+    bias = {(STEP,): 2.0, (other_step,): 2.0, (EOS,): 0.5, (END_THINK,): 0.5}
+    out = model.generate(
+        ids, attention_mask=mask, num_candidates=6, seed=2, max_new_tokens=40, eos_token_id=EOS, pad_token_id=PAD,
+        sequence_bias=bias, progress_bar=False,
+    )  # fmt: skip
+    generated = out.candidates[..., ids.shape[1] :]
+    mixed_runs = ((generated[..., 1:] == STEP) & (generated[..., :-1] == other_step)) | (
+        (generated[..., 1:] == other_step) & (generated[..., :-1] == STEP)
+    )
+    assert mixed_runs.any() and (generated == other_step).any()
+    assert_online_equals_offline(model, out)

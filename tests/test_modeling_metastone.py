@@ -241,3 +241,88 @@ def test_fuzz_score_trajectories_against_the_official_path(rows, side):
         assert result.num_steps[i].item() == len(expected_logits)
         torch.testing.assert_close(result.step_logits[i], torch.tensor(expected_logits), atol=1e-4, rtol=1e-4)
         assert abs(result.scores[i].item() - expected_score) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- head precision
+SPRM_IDS = {"step_token_ids": [STEP], "think_start_token_id": THINK, "think_end_token_id": END_THINK}
+
+
+def _saved(model, folder):
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _load_paths(tmp_path, dtype):
+    """Every way a user gets a MetaStone model in half precision, each as (name, builder)."""
+    fp32 = tiny_metastone(seed=3)
+    half_saved = MetaStoneForCausalLMWithSPRM.from_pretrained(_saved(fp32, tmp_path / "fp32"), dtype=dtype)
+    half_folder = _saved(half_saved, tmp_path / "half")  # a half-precision checkpoint, as releases are
+    torch.manual_seed(0)
+    backbone = Qwen2ForCausalLM(tiny_text_config()).to(dtype)
+    backbone_folder = _saved(backbone, tmp_path / "backbone")
+    return {
+        "from_pretrained(dtype)": lambda: MetaStoneForCausalLMWithSPRM.from_pretrained(tmp_path / "fp32", dtype=dtype),
+        "AutoModelForCausalLM(auto) of a half checkpoint": lambda: AutoModelForCausalLM.from_pretrained(
+            half_folder, dtype="auto"
+        ),
+        "from_config(dtype)": lambda: AutoModelForCausalLM.from_config(fp32.config, dtype=dtype),
+        "from_backbone(path, dtype)": lambda: MetaStoneForCausalLMWithSPRM.from_backbone(
+            backbone_folder, dtype=dtype, **SPRM_IDS
+        ),
+        "from_backbone(path, auto)": lambda: MetaStoneForCausalLMWithSPRM.from_backbone(
+            backbone_folder, dtype="auto", **SPRM_IDS
+        ),
+        "from_backbone(model)": lambda: MetaStoneForCausalLMWithSPRM.from_backbone(backbone, **SPRM_IDS),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_stays_float32_on_every_load_path(tmp_path, dtype):
+    for name, build in _load_paths(tmp_path, dtype).items():
+        model = build()
+        assert model.model.embed_tokens.weight.dtype == dtype, name  # the policy keeps the user's precision
+        assert {p.dtype for p in model.sprm_head.parameters()} == {torch.float32}, name
+
+
+def test_half_checkpoint_saves_its_head_in_float32(tmp_path):
+    from safetensors import safe_open
+
+    model = MetaStoneForCausalLMWithSPRM.from_pretrained(_saved(tiny_metastone(), tmp_path / "a"), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "b")
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
+    assert {v for k, v in dtypes.items() if k.startswith("sprm_head.")} == {"F32"}
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+
+
+def test_peft_modules_to_save_keeps_a_float32_head(tmp_path):
+    from peft import AutoPeftModelForCausalLM, get_peft_model
+
+    from metastone_hf.lora import metastone_lora_config
+
+    folder = _saved(tiny_metastone(), tmp_path / "base")
+    model = MetaStoneForCausalLMWithSPRM.from_pretrained(folder, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, metastone_lora_config(r=2))
+    head = peft_model.get_base_model().sprm_head
+    assert {p.dtype for p in head.modules_to_save["default"].parameters()} == {torch.float32}
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), dtype=torch.bfloat16)
+    assert {p.dtype for p in reloaded.get_base_model().sprm_head.parameters()} == {torch.float32}
+
+
+def test_half_precision_scores_use_the_float32_head_and_agree_with_float32(tmp_path):
+    fp32 = tiny_metastone(seed=4)
+    bf16 = MetaStoneForCausalLMWithSPRM.from_pretrained(_saved(fp32, tmp_path), dtype=torch.bfloat16).eval()
+    rows = random_trajectories(4, seed=5, min_len=20, max_len=40)
+    ids, mask = pad(rows, "left")
+    got = bf16.score_trajectories(ids, mask)
+    # Official path on the bf16 backbone: all hidden states, [-2] at the score positions, the float32 head.
+    twin = plain_twin(bf16)
+    for row, step_logits in zip(rows, got.step_logits):
+        _, expected = reference_official_scores(
+            twin, lambda f: bf16.sprm_head(f.float()), row, [STEP], THINK, END_THINK
+        )
+        # bf16 attention over a padded batch differs from the unpadded single forward by a few bf16 ulps.
+        torch.testing.assert_close(step_logits, torch.tensor(expected), atol=2e-3, rtol=1e-2)
+    reference = fp32.score_trajectories(ids, mask)
+    torch.testing.assert_close(got.scores, reference.scores, atol=0.02, rtol=0.05)

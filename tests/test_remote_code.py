@@ -83,3 +83,30 @@ def test_remote_code_load_without_the_package(tmp_path):
         torch.testing.assert_close(torch.tensor(got["scores"]), expected.scores, atol=1e-6, rtol=1e-5)
         for a, b in zip(got["step_logits"], expected.step_logits):
             torch.testing.assert_close(torch.tensor(a), b, atol=1e-5, rtol=1e-5)
+
+
+HALF_PRECISION_LOADER = CLEAN_LOADER.split("folder, ids = ")[0] + textwrap.dedent(
+    """
+    folder, ids = sys.argv[1], json.loads(sys.argv[2])
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    scores = model.score_trajectories(torch.tensor(ids))
+    print(json.dumps({
+        "module": type(model).__module__,
+        "backbone": str(model.model.embed_tokens.weight.dtype),
+        "head": sorted({str(p.dtype) for p in model.sprm_head.parameters()}),
+        "scores": scores.scores.tolist(),
+    }))
+    """
+)
+
+
+def test_remote_code_keeps_the_head_in_float32_under_bf16(tmp_path):
+    model = tiny_metastone(seed=22)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    ids = [[1, THINK, 9, 5, 33, 44, 5, 5, 12, 5, END_THINK, 70]]
+    loaded = run_without_package(HALF_PRECISION_LOADER, tmp_path, str(folder), json.dumps(ids))
+    assert loaded["module"].startswith("transformers_modules"), loaded["module"]
+    assert loaded["backbone"] == "torch.bfloat16" and loaded["head"] == ["torch.float32"]
+    expected = model.score_trajectories(torch.tensor(ids)).scores
+    torch.testing.assert_close(torch.tensor(loaded["scores"]), expected, atol=0.02, rtol=0.05)

@@ -1,4 +1,4 @@
-"""The step mask and trajectory score against the slow reference (DESIGN.md §1, rules 1-5)."""
+"""The step mask and trajectory score against the slow reference (the official rules 1-5)."""
 
 from __future__ import annotations
 
@@ -148,3 +148,27 @@ def test_processbench_traces_with_the_real_tokenizer(real_tokenizer, data_dir):
         assert got == expected
         total_steps += len(got)
     assert total_steps > 100  # the traces really contain '.\n\n' steps
+
+
+def test_processbench_traces_in_paper_mode_mark_every_token_containing_the_step_text(real_tokenizer, data_dir):
+    from metastone_hf import MetaStoneConfig
+
+    tok = real_tokenizer
+    paper = MetaStoneConfig.sprm_token_ids_from_tokenizer(tok, mode="paper")["step_token_ids"]
+    contains_step = {i for i in paper if ".\n\n" in tok.decode([i])}
+    assert contains_step == set(paper)
+    think, end_think = 151648, 151649
+    traces = json.loads((data_dir / "processbench" / "math.json").read_text())[:80]
+    beyond_official = 0
+    for trace in traces:
+        text = f"{trace['problem']}<think>\n" + "\n\n".join(trace["steps"]) + f"\n</think>\n\n{trace['steps'][-1]}"
+        ids = tok.encode(text, add_special_tokens=False)
+        got = score_positions(ids, step_ids=paper, think_start=think, think_end=end_think)
+        assert got == reference_score_positions(ids, paper, think, end_think)
+        # From the definition: a token whose text contains '.\n\n', first of its run, inside the think span.
+        start, end = ids.index(think), len(ids) - 1 - ids[::-1].index(end_think)
+        marks = [tok.decode([i]).count(".\n\n") > 0 for i in ids]
+        expected = [t - 1 for t in range(start + 2, end) if marks[t] and not marks[t - 1]]
+        assert got == expected
+        beyond_official += sum(ids[t + 1] != 382 for t in got)
+    assert beyond_official > 0  # the traces contain steps such as ').\n\n' that the official mode misses

@@ -385,3 +385,202 @@ def test_bf16_mixed_precision_step_on_cpu(task, tmp_path):
     losses = sprm_history(trainer, "sprm/loss")
     assert len(losses) == 2 and all(0.0 < loss < 10.0 for loss in losses)
     assert next(trainer.model.sprm_head.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+# ---------------------------------------------------------------------------------------------- real-scale fidelity
+def _head_update(trainer: SPRMGRPOTrainer) -> tuple[float, float]:
+    """Train; return the fraction of the head's first-layer weights that changed and the update's norm."""
+    head = trainer._sprm_model(trainer.model).sprm_head
+    before = head[0].weight.detach().float().clone()
+    trainer.train()
+    delta = head[0].weight.detach().float() - before
+    return (delta != 0).float().mean().item(), delta.norm().item()
+
+
+def test_bf16_checkpoint_trains_its_head_like_fp32(task, tmp_path):
+    from metastone_hf import MetaStoneForCausalLMWithSPRM
+
+    checkpoint = tmp_path / "ckpt"
+    task.model().save_pretrained(checkpoint)
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = MetaStoneForCausalLMWithSPRM.from_pretrained(checkpoint, dtype=dtype)
+        assert model.model.embed_tokens.weight.dtype == dtype  # the policy keeps the dtype it was loaded in
+        assert all(p.dtype == torch.float32 for p in model.sprm_head.parameters())
+        trainer = task.trainer(tmp_path / str(dtype), model=model, max_steps=3, sprm_learning_rate=1e-5)
+        moved[dtype] = _head_update(trainer)
+    changed_fp32, norm_fp32 = moved[torch.float32]
+    changed_bf16, norm_bf16 = moved[torch.bfloat16]
+    assert changed_fp32 > 0.99 and changed_bf16 > 0.99, moved
+    assert 0.5 < norm_bf16 / norm_fp32 < 2.0, moved
+
+
+def test_a_head_cast_to_bf16_by_hand_trains_in_fp32(task, tmp_path, caplog):
+    model = task.model().to(torch.bfloat16)
+    assert next(model.sprm_head.parameters()).dtype == torch.bfloat16
+    with caplog.at_level("WARNING"):
+        trainer = task.trainer(tmp_path, model=model, max_steps=2, sprm_learning_rate=1e-5)
+    assert "training it in float32" in caplog.text
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    changed, _ = _head_update(trainer)
+    assert changed > 0.99
+
+
+class _GradientRecorder(TrainerCallback):
+    """Gradients as the optimizer sees them (after clipping)."""
+
+    def __init__(self) -> None:
+        self.clipped: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        named = model.named_parameters()
+        self.clipped.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
+
+
+def _record_pre_clip_gradients(trainer: SPRMGRPOTrainer) -> list[dict[str, torch.Tensor]]:
+    """Patch the trainer so that the gradients are recorded just before any clipping happens."""
+    recorded: list[dict[str, torch.Tensor]] = []
+    clip, measure = trainer._clip_grad_norm, trainer._get_grad_norm
+
+    def snapshot(model):
+        named = model.named_parameters()
+        recorded.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
+
+    def clip_grad_norm(model):
+        snapshot(model)
+        return clip(model)
+
+    def get_grad_norm(model, grad_norm=None):
+        if grad_norm is None:  # the policy was not clipped: nothing recorded yet for this step
+            snapshot(model)
+        return measure(model, grad_norm=grad_norm)
+
+    trainer._clip_grad_norm, trainer._get_grad_norm = clip_grad_norm, get_grad_norm
+    return recorded
+
+
+def _clipped_reference(grads: dict[str, torch.Tensor], groups: list[list[str]], norms: list[float]):
+    """``torch.nn.utils.clip_grad_norm_`` applied to each group of (copied) gradients on its own."""
+    reference = {n: g.clone() for n, g in grads.items()}
+    pre_clip = []
+    for names, max_norm in zip(groups, norms):
+        params = []
+        for name in names:
+            p = torch.nn.Parameter(torch.zeros_like(reference[name]))
+            p.grad = reference[name]
+            params.append(p)
+        pre_clip.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    return reference, pre_clip
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["separate", "separate_accumulation", "separate_peft", "policy_unclipped", "joint"],
+)
+def test_policy_and_head_gradients_are_clipped_separately(task, tmp_path, setting):
+    from peft import LoraConfig
+
+    overrides: dict[str, Any] = {"max_steps": 2, "max_grad_norm": 1e-3, "sprm_max_grad_norm": 1e-4}
+    if setting == "separate_accumulation":
+        overrides.update(gradient_accumulation_steps=2, per_device_train_batch_size=8)
+    if setting == "separate_peft":
+        overrides["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    if setting == "policy_unclipped":
+        overrides["max_grad_norm"] = 0.0
+    if setting == "joint":
+        overrides["sprm_max_grad_norm"] = None
+    trainer = task.trainer(tmp_path, **overrides)
+    recorder = _GradientRecorder()
+    trainer.add_callback(recorder)
+    pre_clip = _record_pre_clip_gradients(trainer)
+    trainer.train()
+    assert len(pre_clip) == len(recorder.clipped) == 2  # once per optimizer step, accumulation included
+
+    head_names = [n for n in pre_clip[0] if ".sprm_head." in f".{n}" and "original_module" not in n]
+    policy_names = [n for n in pre_clip[0] if n not in head_names]
+    assert head_names and policy_names
+    logged_policy = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    logged_head = [h["sprm/grad_norm"] for h in trainer.state.log_history if "sprm/grad_norm" in h]
+    for step, (grads, clipped) in enumerate(zip(pre_clip, recorder.clipped)):
+        if setting == "joint":
+            reference, (joint_norm,) = _clipped_reference(grads, [policy_names + head_names], [1e-3])
+            assert logged_policy[step] == pytest.approx(joint_norm, rel=1e-4)
+        else:
+            policy_max = float("inf") if setting == "policy_unclipped" else 1e-3
+            reference, (policy_norm, head_norm) = _clipped_reference(
+                grads, [policy_names, head_names], [policy_max, 1e-4]
+            )
+            assert logged_policy[step] == pytest.approx(policy_norm, rel=1e-4)
+            assert logged_head[step] == pytest.approx(head_norm, rel=1e-4)
+            # One joint norm would have clipped the head differently: the test can tell the two apart.
+            joint, _ = _clipped_reference(grads, [policy_names + head_names], [1e-3])
+            assert not torch.allclose(joint[head_names[0]], clipped[head_names[0]])
+        for name in policy_names + head_names:
+            torch.testing.assert_close(clipped[name], reference[name], rtol=1e-5, atol=1e-12)
+    if setting == "joint":
+        assert not logged_head
+
+
+def test_head_learning_rate_stays_constant_while_the_policy_decays(task, tmp_path):
+    class LearningRates(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[float, float]] = []
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            head = SPRMGRPOTrainer.head_param_group(optimizer)
+            policy = next(g for g in optimizer.param_groups if g is not head)
+            self.seen.append((policy["lr"], head["lr"]))
+
+    for head_schedule in ("constant", None):
+        recorder = LearningRates()
+        trainer = task.trainer(
+            tmp_path / str(head_schedule),
+            max_steps=4,
+            learning_rate=1e-6,
+            sprm_learning_rate=1e-5,
+            lr_scheduler_type="linear",
+            sprm_lr_scheduler_type=head_schedule,
+        )
+        trainer.add_callback(recorder)
+        trainer.train()
+        policy_lrs = [p for p, _ in recorder.seen]
+        head_lrs = [h for _, h in recorder.seen]
+        assert policy_lrs == pytest.approx([1e-6 * (4 - k) / 4 for k in range(1, 5)])
+        if head_schedule == "constant":
+            assert head_lrs == pytest.approx([1e-5] * 4)
+        else:
+            assert head_lrs == pytest.approx([1e-5 * (4 - k) / 4 for k in range(1, 5)])
+
+
+def test_head_schedule_needs_a_lambda_schedule(task, tmp_path):
+    with pytest.raises(ValueError, match="sprm_lr_scheduler_type"):
+        task.args(tmp_path, sprm_lr_scheduler_type="not_a_schedule")
+    with pytest.raises(ValueError, match="sprm_truncated"):
+        task.args(tmp_path, sprm_truncated="drop")
+    with pytest.raises(ValueError, match="sprm_max_grad_norm"):
+        task.args(tmp_path, sprm_max_grad_norm=-1.0)
+
+
+def test_truncated_completions_excluded_or_labelled_by_reward(task, tmp_path):
+    trainer = task.trainer(tmp_path, per_device_train_batch_size=32)
+    batch = _batch(trainer, task)
+    trainer.current_gradient_accumulation_steps = 1
+    truncated = torch.arange(32) % 3 == 0  # hand-picked rows, whatever the sampler did
+    batch["sprm_truncated"] = truncated
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    steps_per_row = trainer.model.sprm_score_mask(ids, mask)[:, batch["prompt_ids"].shape[1] - 1 :].sum(dim=1)
+    correct = batch["sprm_correct"]
+    assert steps_per_row[truncated].sum() > 0 and (~correct[truncated]).any()
+
+    logged = {}
+    for mode in ("exclude", "as_reward"):
+        trainer.args.sprm_truncated = mode
+        trainer._metrics["train"].clear()
+        with torch.no_grad():
+            trainer._compute_loss(trainer.model, batch)
+        logged[mode] = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["exclude"]["sprm/steps"] == steps_per_row[~truncated].sum().item()
+    assert logged["as_reward"]["sprm/steps"] == steps_per_row.sum().item()
+    positive_steps = steps_per_row[correct].sum().item()
+    assert logged["as_reward"]["sprm/pos_step_fraction"] == pytest.approx(positive_steps / steps_per_row.sum().item())

@@ -25,7 +25,7 @@ class MetaStoneConfig(PreTrainedConfig):
     r"""Configuration of [`MetaStoneForCausalLMWithSPRM`].
 
     The backbone is any Qwen2/Qwen3/Llama-style decoder config, stored as the sub-config ``text_config``;
-    the remaining fields describe the SPRM head and the step segmentation (DESIGN.md §1).
+    the remaining fields describe the SPRM head and the step segmentation.
 
     Args:
         text_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -149,38 +149,86 @@ class MetaStoneConfig(PreTrainedConfig):
     @staticmethod
     def sprm_token_ids_from_tokenizer(
         tokenizer: Any,
+        mode: str = "official",
         step_text: str | list[str] = DEFAULT_STEP_TEXT,
         think_start: str | None = "<think>",
         think_end: str | None = "</think>",
     ) -> dict[str, Any]:
-        """Read the step and think token ids from a tokenizer; returns kwargs for ``MetaStoneConfig``.
+        r"""Read the step and think token ids from a tokenizer; returns kwargs for ``MetaStoneConfig``.
 
-        Each step text must encode to exactly one token (the official mask matches single ids). A tokenizer
-        without ``<think>``/``</think>`` gets ``None`` for them: the whole sequence is then scored.
+        Args:
+            tokenizer: the policy's tokenizer.
+            mode: which tokens end a step.
+
+                - ``"official"`` (default): the token(s) each ``step_text`` encodes to, as the official training and
+                  scoring code does (``'.\n\n'`` -> ``[382]`` for DeepSeek-R1-Distill-Qwen). Each step text must
+                  encode to exactly one token.
+                - ``"paper"``: every vocabulary token whose text *contains* a ``step_text``, as the paper words it
+                  ("tokens containing '.\n\n'": 46 tokens in the DeepSeek-R1 vocabulary, e.g. ``').\n\n'``).
+                - ``"zh"``: the official scorer's Chinese mode: every token whose text is at most 3 characters,
+                  contains ``'\n'`` or ``'。'`` and has at most one other character once that one is removed.
+
+                In every mode consecutive step tokens count once (the first of the run), whichever ids they are.
+            step_text: the step separator text(s) for ``"official"`` and ``"paper"`` (ignored by ``"zh"``).
+            think_start / think_end: the thinking-span tokens. One the tokenizer lacks gets ``None``: the whole
+                sequence is then scored.
         """
+        if mode not in STEP_TOKEN_MODES:
+            raise ValueError(
+                f"Unknown step-token mode {mode!r}; choose one of {list(STEP_TOKEN_MODES)} "
+                "(pass a step separator text as `step_text=`)."
+            )
         texts = [step_text] if isinstance(step_text, str) else list(step_text)
-        step_ids: list[int] = []
-        for text in texts:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) != 1:
-                raise ValueError(
-                    f"Step text {text!r} encodes to {len(ids)} tokens {ids} with this tokenizer; the step mask needs "
-                    "exactly one token per step text. Add it as a token (`tokenizer.add_tokens([...])`) or pass "
-                    "`step_token_ids` yourself."
-                )
-            step_ids.append(int(ids[0]))
+        if mode == "official":
+            step_ids = _single_token_ids(tokenizer, texts)
+        else:
+            token_texts = _vocabulary_texts(tokenizer)
+            if mode == "paper":
+                step_ids = [i for i, text in token_texts.items() if any(t in text for t in texts)]
+            else:
+                step_ids = [i for i, text in token_texts.items() if _is_zh_step_text(text)]
+        if not step_ids:
+            raise ValueError(f"No token of this tokenizer ends a step in mode {mode!r} (step_text={texts!r}).")
+
+        vocab = tokenizer.get_vocab()
 
         def lookup(token: str | None) -> int | None:
-            if token is None:
-                return None
-            vocab = tokenizer.get_vocab()
-            return int(vocab[token]) if token in vocab else None
+            return None if token is None or token not in vocab else int(vocab[token])
 
+        think_ids = {lookup(think_start), lookup(think_end)} - {None}
         return {
-            "step_token_ids": step_ids,
+            "step_token_ids": sorted(set(step_ids) - think_ids),
             "think_start_token_id": lookup(think_start),
             "think_end_token_id": lookup(think_end),
         }
 
 
-__all__ = ["MetaStoneConfig"]
+STEP_TOKEN_MODES = ("official", "paper", "zh")
+_ZH_STEP_CHARACTERS = ("\n", "。")
+
+
+def _single_token_ids(tokenizer: Any, texts: list[str]) -> list[int]:
+    step_ids = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"Step text {text!r} encodes to {len(ids)} tokens {ids} with this tokenizer; the official step mask "
+                "needs exactly one token per step text. Use `mode='paper'` (every token containing the text), add it "
+                "as a token (`tokenizer.add_tokens([...])`) or pass `step_token_ids` yourself."
+            )
+        step_ids.append(int(ids[0]))
+    return step_ids
+
+
+def _vocabulary_texts(tokenizer: Any) -> dict[int, str]:
+    """Decoded text of every token id of the vocabulary (added tokens included)."""
+    ids = sorted(set(int(i) for i in tokenizer.get_vocab().values()))
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+
+
+def _is_zh_step_text(text: str) -> bool:
+    return len(text) <= 3 and any(c in text and len(text.replace(c, "")) <= 1 for c in _ZH_STEP_CHARACTERS)
+
+
+__all__ = ["STEP_TOKEN_MODES", "MetaStoneConfig"]

@@ -159,11 +159,19 @@ class MetaStoneSPRMHead(nn.Sequential):
 
     An ``nn.Sequential`` so its parameter names (``0.weight``, ``0.bias``, ``3.weight``, ``3.bias``) equal the
     official ``score_module.pt``. Parameters: ``2 m d^2 ... = 2d^2 + 4d + 1`` for ``m = 2``.
+
+    Built in float32 whatever the default dtype: the head is trained at lr 1e-5 on weights of ~0.02, and bf16 has a
+    spacing of ~8e-5 there, so a bf16 head would round most AdamW updates away.
     """
 
     def __init__(self, hidden_size: int, multiplier: int = 2, dropout: float = 0.5):
         width = hidden_size * multiplier
-        super().__init__(nn.Linear(hidden_size, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, 1))
+        super().__init__(
+            nn.Linear(hidden_size, width, dtype=torch.float32),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, 1, dtype=torch.float32),
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return super().forward(features).squeeze(-1)
@@ -179,6 +187,8 @@ class MetaStonePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # The head keeps float32 weights when the backbone is loaded in bf16/fp16 (see `MetaStoneSPRMHead`).
+    _keep_in_fp32_modules_strict = ["sprm_head"]
 
 
 class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
@@ -456,19 +466,23 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         cls,
         backbone: str | PreTrainedModel,
         tokenizer: Any | None = None,
+        step_mode: str = "official",
         **sprm_kwargs: Any,
     ) -> MetaStoneForCausalLMWithSPRM:
         """Wrap an existing causal LM (a path/Hub id or a loaded model) with a freshly initialised SPRM head.
 
-        Backbone and LM-head weights are used as they are. ``sprm_kwargs`` go to [`MetaStoneConfig`]
-        (``sprm_feature_layer``, ``step_token_ids``, ...); with ``tokenizer`` the step and think ids are read
-        from it (see ``MetaStoneConfig.sprm_token_ids_from_tokenizer``). Loading kwargs such as ``dtype``
-        apply when ``backbone`` is a path.
+        Backbone and LM-head weights are used as they are, in their dtype; the head is float32. ``sprm_kwargs`` go
+        to [`MetaStoneConfig`] (``sprm_feature_layer``, ``step_token_ids``, ...); with ``tokenizer`` the step and
+        think ids are read from it, the step tokens chosen by ``step_mode`` (``"official"``, ``"paper"`` or
+        ``"zh"``, see ``MetaStoneConfig.sprm_token_ids_from_tokenizer``). Loading kwargs such as ``dtype`` apply
+        when ``backbone`` is a path.
         """
         load_kwargs = {k: sprm_kwargs.pop(k) for k in _LOAD_KWARGS if k in sprm_kwargs}
         if tokenizer is not None:
-            for key, value in MetaStoneConfig.sprm_token_ids_from_tokenizer(tokenizer).items():
+            for key, value in MetaStoneConfig.sprm_token_ids_from_tokenizer(tokenizer, mode=step_mode).items():
                 sprm_kwargs.setdefault(key, value)
+        elif step_mode != "official":
+            raise ValueError(f"`step_mode={step_mode!r}` reads the step tokens from a tokenizer: pass `tokenizer=`.")
         if isinstance(backbone, (str, bytes)) or hasattr(backbone, "__fspath__"):
             text_config = AutoConfig.from_pretrained(
                 backbone, trust_remote_code=load_kwargs.get("trust_remote_code", False)
@@ -492,7 +506,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         wrapped.lm_head = backbone.lm_head
         reference = backbone.lm_head.weight
         head = MetaStoneSPRMHead(config.text_config.hidden_size, config.sprm_hidden_multiplier, config.sprm_dropout)
-        wrapped.sprm_head = head.to(device=reference.device, dtype=reference.dtype)
+        wrapped.sprm_head = head.to(device=reference.device)
         wrapped._init_sprm_head()
         if getattr(backbone, "generation_config", None) is not None:
             wrapped.generation_config = copy.deepcopy(backbone.generation_config)

@@ -1,4 +1,4 @@
-"""Training MetaStone-S1 with TRL: the SPR loss and a GRPO trainer that adds it (issue 4).
+"""Training MetaStone-S1 with TRL: the SPR loss and a GRPO trainer that adds it.
 
 * :func:`sprm_loss`: the self-supervised process reward loss (paper defaults, every knob an argument).
 * :class:`SPRMGRPOConfig` / :class:`SPRMGRPOTrainer`: TRL's GRPO plus the SPR loss from the same forward pass.

@@ -1,4 +1,4 @@
-"""The self-supervised process reward (SPR) loss of MetaStone-S1 (arXiv 2507.01951), DESIGN.md §1.
+"""The self-supervised process reward (SPR) loss of MetaStone-S1 (arXiv 2507.01951).
 
 Per step logit ``z`` of a completion with outcome ``y`` (1 = correct, i.e. reward > 0.5):
 
@@ -8,7 +8,8 @@ Per step logit ``z`` of a completion with outcome ``y`` (1 = correct, i.e. rewar
 * class balance over the kept steps with counts ``+1``, counts summed over all processes:
   ``w = 1.5 * pos * neg_count / total + neg * pos_count / total``;
 * ``loss = sum(bce * w) / (sum(w) + 1e-5)``;
-* truncated completions (no EOS) are excluded.
+* truncated completions (no EOS) are excluded by default (the official intent; the official code in practice keeps
+  them, labelled by their reward: ``exclude_truncated=False``).
 
 Each of these is a documented argument of :func:`sprm_loss`, defaulting to the paper's value.
 """
@@ -98,7 +99,8 @@ def sprm_loss(
         count_smoothing: added once to each class count, ``pos_count = kept positives + 1`` (paper: 1), so
             an empty class gives finite weights.
         eps: added to ``sum(w)`` in the normaliser ``sum(bce * w) / (sum(w) + eps)`` (paper: 1e-5).
-        exclude_truncated: drop the steps of truncated completions (paper: True).
+        exclude_truncated: drop the steps of truncated completions (the official intent). ``False`` labels them by
+            their outcome like any other completion (what the official code does in practice).
         count_reduce: sums a ``[2]`` tensor of local (kept positive, kept negative) counts over processes, e.g.
             ``lambda t: accelerator.reduce(t, "sum")``; the smoothing is added once, after the sum, so the weights
             do not depend on the number of processes. ``None``: local counts (single process). In distributed

@@ -7,7 +7,9 @@
 * each completion's outcome label comes from its reward (``reward > sprm_correct_threshold``), kept from
   ``_calculate_rewards`` and carried with the batch through TRL's shuffling and splitting;
 * the features reach the head with the backbone gradient scaled by ``sprm_feature_grad_scale`` (1e-4);
-* the head sits in its own optimizer parameter group (``sprm_learning_rate``, ``sprm_weight_decay``);
+* the head sits in its own optimizer parameter group (``sprm_learning_rate``, ``sprm_weight_decay``) with its own
+  schedule (``sprm_lr_scheduler_type``, constant) and its own gradient clipping (``sprm_max_grad_norm``), and keeps
+  float32 weights whatever the policy's dtype, as in the official training;
 * the SPR loss is divided by the gradient-accumulation steps like TRL's loss and shares its backward;
 * ``sprm/*`` metrics go through the Trainer's logging; the head is saved with every checkpoint (it is part
   of the model, or of the adapter's ``modules_to_save`` with PEFT) and restored on resume.
@@ -18,20 +20,24 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
 from transformers.trainer_optimizer import is_optimizer_factory
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
 from ..lora import sprm_peft_config
 from .loss import STAT_KEYS, grad_scaled_features, sprm_loss, sprm_metrics_from_stats, stack_stats
 
 logger = logging.getLogger(__name__)
+
+TRUNCATED_MODES = ("exclude", "as_reward")
 
 
 @dataclass
@@ -60,15 +66,30 @@ class SPRMGRPOConfig(GRPOConfig):
             Added to each (global) class count before balancing.
         sprm_eps (`float`, *optional*, defaults to `1e-5`):
             Added to the sum of weights in the normaliser.
-        sprm_exclude_truncated (`bool`, *optional*, defaults to `True`):
-            Ignore the steps of completions that end without EOS.
+        sprm_truncated (`str`, *optional*, defaults to `"exclude"`):
+            What the SPR loss does with completions that end without EOS (cut off by `max_completion_length`).
+            `"exclude"`: their steps are ignored, since the outcome of an unfinished answer says little about its
+            steps (the official code's intent). `"as_reward"`: they are labelled by their reward like any other
+            completion, so a truncated wrong answer counts as negative (what the official code does in practice).
 
     Parameters that control how the head trains:
         sprm_learning_rate (`float` or `None`, *optional*, defaults to `1e-5`):
             Learning rate of the head's own optimizer parameter group (official: 1e-5, while the policy uses
-            1e-6). It follows the same scheduler. `None`: the head shares the policy's groups and learning rate.
+            1e-6). `None`: the head shares the policy's groups, learning rate and schedule.
+        sprm_lr_scheduler_type (`str` or `None`, *optional*, defaults to `"constant"`):
+            Schedule of the head's learning rate (official: constant, while the policy follows
+            `lr_scheduler_type`). Any of transformers' `LambdaLR`-based schedule names (`"constant"`, `"linear"`,
+            `"cosine"`, ...), which then uses the policy's warmup and number of steps. `None`: the head follows the
+            policy's schedule.
         sprm_weight_decay (`float`, *optional*, defaults to `0.01`):
             AdamW weight decay of the head's parameter group (official: 0.01).
+        sprm_max_grad_norm (`float` or `None`, *optional*, defaults to `1.0`):
+            The head's gradients are clipped to this norm on their own, and the policy's to `max_grad_norm` without
+            the head's (official: each to 1.0), so a large head gradient never shrinks the policy's update. The
+            head's pre-clip norm is logged as `sprm/grad_norm`; `grad_norm` is then the policy's. `0`: the head is not
+            clipped (but still kept out of the policy's norm). `None`: one global norm over policy and head, clipped
+            to `max_grad_norm` (the Trainer's default behaviour). Not available under DeepSpeed, whose engine
+            clips all gradients together with its `gradient_clipping` setting.
         sprm_feature_grad_scale (`float`, *optional*, defaults to `1e-4`):
             Scale of the gradient the SPR loss sends into the backbone through the features
             (`f * s + f.detach() * (1 - s)`): `1e-4` lets the head barely move the policy, `0` detaches it.
@@ -94,9 +115,23 @@ class SPRMGRPOConfig(GRPOConfig):
             "`learning_rate`, 1e-6). None: the head shares the policy's learning rate."
         },
     )
+    sprm_lr_scheduler_type: str | None = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule of the SPRM head (official: constant); a transformers schedule name, or "
+            "None to follow the policy's schedule."
+        },
+    )
     sprm_weight_decay: float = field(
         default=0.01,
         metadata={"help": "AdamW weight decay of the SPRM head's parameter group (official 0.01)."},
+    )
+    sprm_max_grad_norm: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Clip the SPRM head's gradients to this norm separately from the policy's (official 1.0); 0: do "
+            "not clip the head; None: one global norm over policy and head (clipped to max_grad_norm)."
+        },
     )
     sprm_feature_grad_scale: float = field(
         default=1e-4,
@@ -135,9 +170,13 @@ class SPRMGRPOConfig(GRPOConfig):
         default=1e-5,
         metadata={"help": "Added to the sum of weights in the loss normaliser (paper: 1e-5)."},
     )
-    sprm_exclude_truncated: bool = field(
-        default=True,
-        metadata={"help": "Ignore the steps of truncated completions (no EOS)."},
+    sprm_truncated: str = field(
+        default="exclude",
+        metadata={
+            "help": "Completions without EOS: 'exclude' ignores their steps (official intent); 'as_reward' labels "
+            "them by their reward like the others (official code in practice).",
+            "choices": list(TRUNCATED_MODES),
+        },
     )
 
     def __post_init__(self) -> None:
@@ -148,6 +187,19 @@ class SPRMGRPOConfig(GRPOConfig):
             raise ValueError(f"`sprm_learning_rate` must be >= 0, got {self.sprm_learning_rate}.")
         if not 0.0 <= self.sprm_feature_grad_scale <= 1.0:
             raise ValueError(f"`sprm_feature_grad_scale` must be in [0, 1], got {self.sprm_feature_grad_scale}.")
+        if self.sprm_truncated not in TRUNCATED_MODES:
+            raise ValueError(f"`sprm_truncated` must be one of {list(TRUNCATED_MODES)}, got {self.sprm_truncated!r}.")
+        if self.sprm_max_grad_norm is not None and self.sprm_max_grad_norm < 0:
+            raise ValueError(
+                f"`sprm_max_grad_norm` must be >= 0 (0: no clipping) or None, got {self.sprm_max_grad_norm}."
+            )
+        if self.sprm_lr_scheduler_type is not None:
+            valid = [t.value for t in SchedulerType]
+            if self.sprm_lr_scheduler_type not in valid:
+                raise ValueError(
+                    f"`sprm_lr_scheduler_type={self.sprm_lr_scheduler_type!r}` is not a transformers schedule; choose "
+                    f"one of {valid} or None (follow the policy)."
+                )
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -204,6 +256,12 @@ class SPRMGRPOTrainer(GRPOTrainer):
         super().__init__(model, *args, peft_config=peft_config, **kwargs)
         self._sprm_model(self.model)  # fail early when the model has no SPRM head
         self._check_head_trainable()
+        self._keep_head_in_fp32()
+        if self.args.sprm_max_grad_norm is not None and self.is_deepspeed_enabled:
+            logger.warning(
+                "DeepSpeed clips the policy's and the SPRM head's gradients together (its `gradient_clipping`); "
+                "`sprm_max_grad_norm` is not applied."
+            )
 
     # ------------------------------------------------------------------ model access
     def _sprm_model(self, model: nn.Module) -> nn.Module:
@@ -231,6 +289,19 @@ class SPRMGRPOTrainer(GRPOTrainer):
                 "(SPRMGRPOTrainer adds it to the `peft_config` it is given); with a PEFT model built yourself, "
                 "use `metastone_hf.training.sprm_peft_config(config)`."
             )
+
+    def _keep_head_in_fp32(self) -> None:
+        """Give a half-precision head float32 weights: at lr 1e-5 most AdamW updates round away in bf16.
+
+        Every loading path already keeps the head in float32; this catches a model cast by hand (``model.to(bf16)``).
+        DeepSpeed casts the whole module itself and keeps float32 master weights in its optimizer, so it is left alone.
+        """
+        head = self._sprm_model(self.model).sprm_head
+        if all(p.dtype == torch.float32 for p in head.parameters()) or self.is_deepspeed_enabled:
+            return
+        dtypes = sorted({str(p.dtype) for p in head.parameters()})
+        logger.warning("The SPRM head was in %s; training it in float32 (the policy keeps its dtype).", dtypes)
+        head.float()
 
     # ------------------------------------------------------------------ labels
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -310,7 +381,7 @@ class SPRMGRPOTrainer(GRPOTrainer):
             score_mask,
             inputs["sprm_correct"],
             inputs["sprm_truncated"] | inputs["sprm_excluded"]
-            if args.sprm_exclude_truncated
+            if args.sprm_truncated == "exclude"
             else inputs["sprm_excluded"],
             agreement_filter=args.sprm_agreement_filter,
             class_balance=args.sprm_class_balance,
@@ -372,6 +443,63 @@ class SPRMGRPOTrainer(GRPOTrainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """Trainer's scheduler for the policy; the head's group follows ``sprm_lr_scheduler_type`` (constant)."""
+        already_built = self.lr_scheduler is not None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        head_type = self.args.sprm_lr_scheduler_type
+        groups = list(getattr(scheduler, "optimizer", optimizer or self.optimizer).param_groups)
+        head_index = next((i for i, g in enumerate(groups) if g.get("name") == "sprm_head"), None)
+        if already_built or head_type is None or head_index is None:
+            return scheduler
+        if not isinstance(scheduler, LambdaLR):
+            raise ValueError(
+                f"`lr_scheduler_type={self.args.lr_scheduler_type!r}` builds a {type(scheduler).__name__}, which cannot "
+                "give the SPRM head its own schedule: set `sprm_lr_scheduler_type=None` (the head follows the policy) "
+                "or use a LambdaLR-based schedule (constant, linear, cosine, ...)."
+            )
+        head_lambda = _schedule_lambda(head_type, self.args.get_warmup_steps(num_training_steps), num_training_steps)
+        scheduler.lr_lambdas[head_index] = head_lambda
+        lr = scheduler.base_lrs[head_index] * head_lambda(scheduler.last_epoch)
+        groups[head_index]["lr"] = lr
+        scheduler._last_lr[head_index] = lr
+        return scheduler
+
+    # ------------------------------------------------------------------ gradient clipping
+    def _clips_head_separately(self) -> bool:
+        return self.args.sprm_max_grad_norm is not None and not self.is_deepspeed_enabled
+
+    def _policy_and_head_parameters(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        head_ids = {id(p) for p in self._sprm_head_parameters()}
+        policy: list[nn.Parameter] = []
+        head: list[nn.Parameter] = []
+        for parameter in model.parameters():
+            (head if id(parameter) in head_ids else policy).append(parameter)
+        return policy, head
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """Clip the policy's gradients to ``max_grad_norm``, leaving the head's out of the norm; returns its norm."""
+        if not self._clips_head_separately():
+            return super()._clip_grad_norm(model)
+        policy, _ = self._policy_and_head_parameters(model)
+        return self.accelerator.clip_grad_norm_(policy, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The policy's gradient norm; clips the head's gradients to ``sprm_max_grad_norm`` and logs their norm.
+
+        Runs once per optimizer step, after the policy is clipped (or not, with ``max_grad_norm=0``) and after the
+        gradients are unscaled and synchronised across processes.
+        """
+        if self._clips_head_separately():
+            policy, head = self._policy_and_head_parameters(model)
+            if grad_norm is None:
+                grad_norm = self.accelerator.clip_grad_norm_(policy, float("inf"))  # measure only
+            head_norm = _clip_gradients(head, self.args.sprm_max_grad_norm or float("inf"))
+            self._metrics["train"]["sprm/grad_norm"].append(head_norm)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Trainer's checkpoint, written to a hidden staging folder and renamed into place when complete.
 
@@ -417,4 +545,26 @@ class SPRMGRPOTrainer(GRPOTrainer):
         return next((g for g in groups if g.get("name") == "sprm_head"), None)
 
 
-__all__ = ["SPRMGRPOConfig", "SPRMGRPOTrainer"]
+def _schedule_lambda(name: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of transformers' schedule ``name``, as a function of the step."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = get_scheduler(name, probe, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+    if not isinstance(schedule, LambdaLR):
+        raise ValueError(
+            f"`sprm_lr_scheduler_type={name!r}` is not a LambdaLR-based schedule; use constant, linear, cosine, ..."
+        )
+    return schedule.lr_lambdas[0]
+
+
+def _clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients of ``parameters`` to ``max_norm`` (inf: measure only); returns their pre-clip norm."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor norm of FSDP2-sharded gradients
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+__all__ = ["TRUNCATED_MODES", "SPRMGRPOConfig", "SPRMGRPOTrainer"]
