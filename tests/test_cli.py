@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from metastone_hf import cli
@@ -66,6 +67,70 @@ def test_eval_on_real_data_end_to_end(checkpoint, tmp_path, data_dir, capsys):
     report = json.loads((out / "eval_report.json").read_text())
     assert report["summary"]["questions"] == 2 and report["summary"]["samples_per_question"] == 2
     assert (out / "accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+    # the paper's sampling by default; the shorter budget and fewer samples are recorded as overrides
+    protocol = report["summary"]["protocol"]
+    sampled = (protocol["name"], protocol["temperature"], protocol["top_p"], protocol["repetition_penalty"])
+    assert sampled == ("paper", 0.6, 0.95, 1.05)
+    assert protocol["max_new_tokens"] == 8 and protocol["overridden"] == ["max_new_tokens", "samples_per_question"]
+    assert "sampling protocol: paper (overridden: max_new_tokens, samples_per_question)" in printed
+
+
+def test_eval_and_generate_parser_defaults():
+    parser = cli.build_parser()
+    args = parser.parse_args(["eval", "--model", "m", "--data", "d.jsonl"])
+    assert args.protocol == "paper" and args.samples_per_question is None
+    # None: the protocol's value (paper: T=0.6, top_p=0.95, repetition_penalty=1.05, 32768 tokens)
+    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.max_new_tokens) == (None,) * 5
+    args = parser.parse_args(["eval", "--model", "m", "--data", "d.jsonl", "--protocol", "quick", "--top-p", "0.9",
+                              "--samples-per-question", "64"])  # fmt: skip
+    assert (args.protocol, args.top_p, args.samples_per_question) == ("quick", 0.9, 64)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--model", "m", "--data", "d.jsonl", "--protocol", "fast"])
+    args = parser.parse_args(["generate", "--model", "m", "--prompt", "x"])
+    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty) == (0.6, 0.95, 0, 1.05)
+    assert args.max_new_tokens == cli.GENERATE_MAX_NEW_TOKENS == 4096
+
+
+@pytest.fixture
+def two_questions(tmp_path) -> str:
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in (("one plus one", "2"),
+                                                                                        ("two plus two", "4"))))  # fmt: skip
+    return str(path)
+
+
+def test_eval_quick_protocol_with_64_samples(checkpoint, two_questions, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = cli.main(["eval", "--model", checkpoint, "--data", two_questions, "--protocol", "quick", "--limit", "2",
+                     "--samples-per-question", "64", "--max-new-tokens", "3", "--output-dir", str(out),
+                     "--no-progress"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sampling protocol: quick" in printed and "not the paper's sampling protocol" in printed
+    report = json.loads((out / "eval_report.json").read_text())
+    summary, records = report["summary"], report["records"]
+    protocol = summary["protocol"]
+    sampled = (protocol["name"], protocol["temperature"], protocol["top_p"], protocol["repetition_penalty"])
+    assert sampled == ("quick", 0.6, 0.95, 1.05)
+    assert protocol["max_new_tokens"] == 3 and protocol["samples_per_question"] == 64
+    # 64 candidates per question: K = 2 groups at N = 32 (high), 8 at N = 8, 32 at N = 2
+    assert summary["samples_per_question"] == 64 and summary["budgets"] == {"low": 2, "medium": 8, "high": 32}
+    assert [len(row) for row in records["correct"]] == [64, 64] and [len(row) for row in records["scores"]] == [64, 64]
+    correct = np.array(records["correct"])
+    scores = np.array([[-np.inf if s is None else s for s in row] for row in records["scores"]])
+    two_groups = np.mean(
+        [correct[:, g][np.arange(2), scores[:, g].argmax(1)] for g in (slice(0, 32), slice(32, 64))], 0
+    )
+    assert summary["metrics"]["bon_sprm@32 (high)"]["mean"] == pytest.approx(two_groups.mean())
+
+
+def test_eval_refuses_samples_that_do_not_split_into_groups(checkpoint, two_questions, capsys):
+    base = ["eval", "--model", checkpoint, "--data", two_questions, "--limit", "1", "--max-new-tokens", "2",
+            "--no-progress"]  # fmt: skip
+    assert cli.main([*base, "--samples-per-question", "16"]) == 2
+    assert "below the largest requested N (32)" in capsys.readouterr().err
+    assert cli.main([*base, "--samples-per-question", "48"]) == 2
+    assert "not a multiple of N = [32]" in capsys.readouterr().err
 
 
 def test_clear_errors(checkpoint, tmp_path, capsys):

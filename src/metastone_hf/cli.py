@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -54,17 +55,62 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+# An interactive answer should come back in minutes, not hours: the paper's 32768-token budget is for `eval`.
+GENERATE_MAX_NEW_TOKENS = 4096
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``generate``'s sampling flags: the paper's sampling settings, with a shorter budget for interactive use."""
+    from .evaluation import EVAL_PROTOCOLS
+
+    paper = EVAL_PROTOCOLS["paper"]
     effort = parser.add_mutually_exclusive_group()
     effort.add_argument(
         "--effort", choices=["low", "medium", "high"], default=None, help="reasoning effort (N = 2/8/32)"
     )
     effort.add_argument("--num-candidates", type=int, default=None, help="N candidates per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=GENERATE_MAX_NEW_TOKENS,
+        help=f"tokens per candidate (default {GENERATE_MAX_NEW_TOKENS}; the paper's evaluation allows "
+        f"{paper.max_new_tokens}, so long reasoning may be cut off here)",
+    )
+    parser.add_argument("--temperature", type=float, default=paper.temperature, help="default: the paper's")
+    parser.add_argument("--top-p", type=float, default=paper.top_p, help="default: the paper's")
+    parser.add_argument("--top-k", type=int, default=paper.top_k, help="0 = no top-k cut (default: the paper's)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=paper.repetition_penalty, help="default: the paper's"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """``eval``'s sampling flags: a registered protocol, each setting overridable (None = the protocol's)."""
+    from .evaluation import EVAL_PROTOCOLS
+
+    described = "; ".join(f"{name}: {p.description.rstrip('.')}" for name, p in EVAL_PROTOCOLS.items())
+    parser.add_argument(
+        "--protocol", choices=sorted(EVAL_PROTOCOLS), default="paper", help=f"sampling protocol ({described})"
+    )
+    paper = EVAL_PROTOCOLS["paper"]
+    for flag, kind, value in (
+        ("--temperature", float, paper.temperature),
+        ("--top-p", float, paper.top_p),
+        ("--top-k", int, f"{paper.top_k}, i.e. no top-k cut"),
+        ("--repetition-penalty", float, paper.repetition_penalty),
+        ("--max-new-tokens", int, paper.max_new_tokens),
+    ):
+        parser.add_argument(flag, type=kind, default=None, help=f"override the protocol's value (paper: {value})")
+    parser.add_argument(
+        "--samples-per-question",
+        type=int,
+        default=None,
+        metavar="M",
+        help="candidates sampled per question (default: the largest N of the requested efforts); every N is "
+        "scored on K = M // N groups of N, so M must be a multiple of each requested N",
+    )
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -92,6 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         do_sample=True,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         seed=args.seed,
@@ -168,6 +216,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     from .evaluation import (
+        EVAL_PROTOCOLS,
         format_table,
         load_eval_examples,
         plot_accuracy_vs_n,
@@ -184,15 +233,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise CLIError(f"unknown effort(s) {unknown}; this model knows {sorted(presets)}.")
     budgets = {e: presets[e] for e in efforts}
+    requested = args.samples_per_question
+    samples = _samples_per_question(
+        EVAL_PROTOCOLS[args.protocol].samples_per_question if requested is None else requested, budgets
+    )
     records = run_best_of_n_eval(
         model,
         tokenizer,
         examples,
-        num_samples=max(budgets.values()),
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
+        num_samples=samples,
+        protocol=args.protocol,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
         seed=args.seed,
         progress_bar=not args.no_progress,
     )
@@ -203,8 +259,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary, out_dir / "accuracy_vs_n.png", title=f"{Path(args.model).name} on {Path(str(args.data)).stem}"
     )
     print(format_table(summary))
+    used = summary["protocol"]
+    # More or fewer samples per question change only the variance of the K-group average, not what it estimates.
+    if used["name"] != "paper" or set(used["overridden"]) - {"samples_per_question"}:
+        print("note: not the paper's sampling protocol; accuracies are not comparable with the paper's.")
     print(f"\nreport: {report}\nplot:   {plot}")
     return 0
+
+
+def _samples_per_question(requested: int | None, budgets: dict[str, int]) -> int:
+    """Candidates per question ``M`` for the requested budgets (default: the largest N).
+
+    The metrics split a question's M candidates into K = M // N groups of N and drop any remainder, so an M
+    that is not a multiple of some requested N would silently leave candidates out of that N's numbers: refused.
+    """
+    largest = max(budgets.values())
+    if requested is None:
+        return largest
+    if requested < largest:
+        raise CLIError(f"--samples-per-question {requested} is below the largest requested N ({largest}).")
+    uneven = sorted({n for n in budgets.values() if requested % n})
+    if uneven:
+        raise CLIError(
+            f"--samples-per-question {requested} is not a multiple of N = {uneven}: the metrics score K = M // N "
+            f"whole groups of N, and the remaining candidates would be left out; use a multiple of "
+            f"{math.lcm(*budgets.values())}."
+        )
+    return requested
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -280,9 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--efforts", nargs="+", default=None, help="efforts to report (default: all presets)")
     ev.add_argument("--limit", type=int, default=None, help="first N questions only")
     ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
-    ev.add_argument("--max-new-tokens", type=int, default=1024)
-    ev.add_argument("--temperature", type=float, default=0.6)
-    ev.add_argument("--top-p", type=float, default=0.95)
+    _add_protocol_arguments(ev)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output-dir", default="metastone-eval")
     ev.add_argument("--no-progress", action="store_true")

@@ -1,7 +1,9 @@
 """Best-of-N evaluation over a dataset: sample once, grade with math-verify, report every test-time metric.
 
-For each question ``M = max(N)`` candidates are sampled in one Best-of-N call; the metrics for every smaller
-``N`` reuse them with the official K-groups-of-N averaging (see :mod:`metastone_hf.metrics`).
+For each question ``M`` candidates (by default ``M = max(N)``) are sampled in one Best-of-N call; the metrics
+for every ``N`` reuse them with the official K-groups-of-N averaging, ``K = M // N`` (see
+:mod:`metastone_hf.metrics`). Sampling follows an :class:`EvalProtocol`, by default the paper's (``"paper"``),
+and the protocol actually used is recorded in the summary and the report.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,107 @@ from .metrics import best_of_n_accuracy, bootstrap_ci, pass_at_1, random_pick_ac
 
 DATASET_FILES = {"aime24": "aime24.jsonl", "gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl"}
 PROMPT_FIELDS = ("prompt", "problem", "question")
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How candidates are sampled for an evaluation: every ``generate`` setting that changes the numbers.
+
+    Registered protocols live in :data:`EVAL_PROTOCOLS`; :func:`run_best_of_n_eval` takes one by name or as an
+    instance, and any of its sampling arguments overrides the protocol's value.
+    """
+
+    name: str
+    """Label recorded in the report (a registered name, or your own for a custom protocol)."""
+    temperature: float
+    """Softmax temperature of the sampler."""
+    top_p: float
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (1.0 keeps all)."""
+    top_k: int
+    """Keep only the ``top_k`` most likely tokens; 0 turns the cut off. ``generate`` would otherwise apply
+    transformers' default of 50, which the official (vLLM) sampler does not have."""
+    repetition_penalty: float
+    """Divides the logits of tokens already in the prompt or the completion (1.0 = no penalty)."""
+    max_new_tokens: int
+    """Generation budget per candidate; longer reasoning is cut off and usually graded wrong."""
+    samples_per_question: int | None = None
+    """``M`` candidates per question; ``None`` = the largest N of the model's reasoning-effort presets (32 for
+    low/medium/high = 2/8/32), i.e. one group at the largest N and ``M // N`` groups at each smaller N."""
+    description: str = ""
+    """One line saying where the settings come from and what the protocol is for."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"EvalProtocol {self.name!r}: temperature must be > 0 (Best-of-N samples).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"EvalProtocol {self.name!r}: top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"EvalProtocol {self.name!r}: top_k must be >= 0 (0 = off), got {self.top_k}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"EvalProtocol {self.name!r}: repetition_penalty must be > 0.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"EvalProtocol {self.name!r}: max_new_tokens must be >= 1.")
+        if self.samples_per_question is not None and self.samples_per_question < 1:
+            raise ValueError(f"EvalProtocol {self.name!r}: samples_per_question must be >= 1 or None.")
+
+    def settings_line(self) -> str:
+        """The sampling settings in one line, as printed under the results table."""
+        return _settings_text(asdict(self))
+
+
+def _settings_text(values: dict[str, Any]) -> str:
+    top_k = values.get("top_k")
+    return (
+        f"temperature={values.get('temperature')}, top_p={values.get('top_p')}, "
+        f"top_k={'off' if top_k == 0 else top_k}, repetition_penalty={values.get('repetition_penalty')}, "
+        f"max_new_tokens={values.get('max_new_tokens')}"
+    )
+
+
+EVAL_PROTOCOLS: dict[str, EvalProtocol] = {
+    "paper": EvalProtocol(
+        name="paper",
+        temperature=0.6,
+        top_p=0.95,
+        top_k=0,
+        repetition_penalty=1.05,
+        max_new_tokens=32768,
+        samples_per_question=None,
+        description="The official MetaStone-S1 evaluation: sampling settings of the official test scripts, "
+        "32k-token budget, as many candidates as the largest N.",
+    ),
+    "quick": EvalProtocol(
+        name="quick",
+        temperature=0.6,
+        top_p=0.95,
+        top_k=0,
+        repetition_penalty=1.05,
+        max_new_tokens=1024,
+        samples_per_question=None,
+        description="NOT the paper's protocol: the paper's sampling with a 1024-token budget, for smoke runs; "
+        "long reasoning is truncated, so accuracies are lower than the paper's.",
+    ),
+}
+"""Registered evaluation protocols; ``paper`` is the default everywhere."""
+
+
+def resolve_protocol(protocol: str | EvalProtocol, **overrides: Any) -> tuple[EvalProtocol, list[str]]:
+    """The protocol named (or given), with every non-``None`` override applied.
+
+    Returns the resolved protocol and the names of the fields whose value an override changed.
+    """
+    if isinstance(protocol, str):
+        if protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"Unknown evaluation protocol {protocol!r}; valid: {sorted(EVAL_PROTOCOLS)}.")
+        protocol = EVAL_PROTOCOLS[protocol]
+    elif not isinstance(protocol, EvalProtocol):
+        raise TypeError(f"`protocol` must be a name in {sorted(EVAL_PROTOCOLS)} or an EvalProtocol, got {protocol!r}.")
+    known = {f.name for f in fields(EvalProtocol)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"Unknown protocol field(s) {sorted(unknown)}.")
+    changed = {k: v for k, v in overrides.items() if v is not None and getattr(protocol, k) != v}
+    return (replace(protocol, **changed) if changed else protocol), sorted(changed)
 
 
 @dataclass
@@ -121,27 +224,59 @@ def grade_answer(completion: str, gold: str) -> bool:
 # ---------------------------------------------------------------------------------------------- running
 @dataclass
 class EvalRecords:
-    """Raw per-candidate results: ``correct``/``scores`` are ``[questions, M]``; ``answers`` is a nested list."""
+    """Raw per-candidate results: ``correct``/``scores`` are ``[questions, M]``; ``answers`` is a nested list.
+
+    ``protocol`` records how the candidates were sampled (see :func:`protocol_record`); :func:`summarize` copies
+    it into the summary.
+    """
 
     correct: np.ndarray
     scores: np.ndarray
     answers: list[list[str | None]]
     completions: list[list[str]] = field(default_factory=list)
+    protocol: dict[str, Any] | None = None
+
+
+def protocol_record(
+    protocol: EvalProtocol,
+    samples_per_question: int,
+    overridden: Sequence[str] = (),
+    seed: int | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready record of a run's sampling: every resolved setting, plus what was overridden.
+
+    ``overridden`` lists the settings changed from the named protocol: a run reproduces the ``paper`` protocol
+    exactly when its name is ``"paper"``, ``overridden`` is empty and no other ``generate_kwargs`` were passed.
+    Values that are not JSON scalars (logits processors, ...) are recorded by their ``repr``.
+    """
+    record = asdict(protocol)
+    record["samples_per_question"] = int(samples_per_question)
+    record["overridden"] = list(overridden)
+    record["seed"] = seed
+    record["generate_kwargs"] = {
+        k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+        for k, v in (generate_kwargs or {}).items()
+    }
+    return record
 
 
 def run_best_of_n_eval(
     model: Any,
     tokenizer: Any,
     examples: Sequence[EvalExample],
-    num_samples: int = 32,
+    num_samples: int | None = None,
     *,
+    protocol: str | EvalProtocol = "paper",
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    max_new_tokens: int | None = None,
     prompt_builder: Callable[[str], str] | None = None,
     answer_extractor: Callable[[str], str | None] | None = None,
     grader: Callable[[str, str], bool] = grade_answer,
     batch_size: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
     seed: int = 0,
     progress_bar: bool = True,
     keep_completions: bool = False,
@@ -149,18 +284,39 @@ def run_best_of_n_eval(
 ) -> EvalRecords:
     """Sample ``num_samples`` candidates per question with Best-of-N generate, score, extract and grade them.
 
+    Sampling follows ``protocol`` (default ``"paper"``: temperature 0.6, top_p 0.95, no top-k cut, repetition
+    penalty 1.05, up to 32768 new tokens, as many candidates as the largest reasoning-effort N). Every sampling
+    argument left at ``None`` takes the protocol's value; a given one overrides it. The resolved settings are
+    recorded in the returned records' ``protocol``.
+
     Args:
+        num_samples: candidates per question ``M``; default: the protocol's ``samples_per_question``, else the
+            largest N of ``model.config.reasoning_effort_presets``.
+        protocol: a name in :data:`EVAL_PROTOCOLS` or an :class:`EvalProtocol`.
+        temperature, top_p, top_k, repetition_penalty, max_new_tokens: override the protocol's value.
         prompt_builder: question text -> model input text (e.g. a chat template). Default: the tokenizer's chat
             template when it has one, followed by ``<think>\\n`` when the model has a think token; else the text.
         answer_extractor: completion -> canonical answer for voting; default: the Best-of-N default (``\\boxed``
             via math-verify).
         batch_size: questions per generate call (each has ``num_samples`` candidates).
-        generate_kwargs: any other ``generate`` argument (``top_k``, ``repetition_penalty``, ...).
+        generate_kwargs: any other ``generate`` argument (``min_p``, ``stop_strings``, ...).
     """
     from tqdm.auto import tqdm
 
     from .generation_metastone import extract_boxed_answer
 
+    settings, overridden = resolve_protocol(
+        protocol,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens,
+    )
+    default_samples = settings.samples_per_question or max(model.config.reasoning_effort_presets.values())
+    samples = default_samples if num_samples is None else num_samples
+    if samples != default_samples:
+        overridden = sorted([*overridden, "samples_per_question"])
     extractor = answer_extractor or extract_boxed_answer
     build = prompt_builder or default_prompt_builder(tokenizer, model)
     correct, scores, answers, completions = [], [], [], []
@@ -173,11 +329,13 @@ def run_best_of_n_eval(
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         out = model.generate(
             **inputs,
-            num_candidates=num_samples,
+            num_candidates=samples,
             do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            repetition_penalty=settings.repetition_penalty,
+            max_new_tokens=settings.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             seed=seed + start,
             progress_bar=False,
@@ -193,7 +351,13 @@ def run_best_of_n_eval(
                 completions.append(texts)
         bar.update(len(batch))
     bar.close()
-    return EvalRecords(np.array(correct, dtype=float), np.array(scores, dtype=float), answers, completions)
+    return EvalRecords(
+        np.array(correct, dtype=float),
+        np.array(scores, dtype=float),
+        answers,
+        completions,
+        protocol=protocol_record(settings, samples, overridden, seed, generate_kwargs),
+    )
 
 
 def default_prompt_builder(tokenizer: Any, model: Any) -> Callable[[str], str]:
@@ -215,9 +379,19 @@ def default_prompt_builder(tokenizer: Any, model: Any) -> Callable[[str], str]:
 
 
 def summarize(
-    records: EvalRecords, budgets: dict[str, int] | Sequence[int] = (2, 8, 32), confidence: float = 0.95
+    records: EvalRecords,
+    budgets: dict[str, int] | Sequence[int] = (2, 8, 32),
+    confidence: float = 0.95,
+    protocol: EvalProtocol | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every metric per budget with a bootstrap interval, plus the SPRM AUC (correct vs incorrect candidates)."""
+    """Every metric per budget with a bootstrap interval, plus the SPRM AUC (correct vs incorrect candidates).
+
+    The summary's ``protocol`` says how the candidates were sampled: ``protocol`` when given, else the records'
+    own (set by :func:`run_best_of_n_eval`); ``None`` when neither is known.
+    """
+    if isinstance(protocol, EvalProtocol):
+        protocol = protocol_record(protocol, records.correct.shape[1])
+    protocol = protocol if protocol is not None else records.protocol
     if isinstance(budgets, dict):
         labelled = sorted(budgets.items(), key=lambda kv: kv[1])
     else:
@@ -246,6 +420,7 @@ def summarize(
         "metrics": table,
         "sprm_auc": auc,
         "budgets": dict(labelled),
+        "protocol": protocol,
     }
 
 
@@ -272,7 +447,22 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{int(summary['confidence'] * 100)}% bootstrap intervals; SPRM AUC (correct vs incorrect) = "
         + ("n/a" if math.isnan(auc) else f"{auc:.3f}")
     )
+    lines.append(protocol_line(summary.get("protocol")))
     return "\n".join(lines)
+
+
+def protocol_line(protocol: dict[str, Any] | None) -> str:
+    """One line naming the sampling protocol and its settings (what a reader needs to compare numbers)."""
+    if protocol is None:
+        return "sampling protocol: not recorded"
+    overridden = protocol.get("overridden") or []
+    name = str(protocol.get("name"))
+    if overridden:
+        name += f" (overridden: {', '.join(overridden)})"
+    seed = "" if protocol.get("seed") is None else f", seed {protocol['seed']}"
+    extra = protocol.get("generate_kwargs") or {}
+    also = "; also " + ", ".join(f"{k}={v}" for k, v in extra.items()) if extra else ""
+    return f"sampling protocol: {name}; {_settings_text(protocol)}{seed}{also}"
 
 
 def _cell(entry: dict[str, float]) -> str:

@@ -176,23 +176,31 @@ def run_grpo_sprm(model: Any, tokenizer: Any, config: DemoConfig, work_dir: Path
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_demo(model: Any, tokenizer: Any, config: DemoConfig, progress: bool = True) -> tuple[dict, Any]:
-    from ..evaluation import EvalExample, run_best_of_n_eval, summarize
+    from ..evaluation import EvalExample, EvalProtocol, run_best_of_n_eval, summarize
 
     problems = task.make_split("test", config.eval_problems, seed=config.seed)
     examples = [EvalExample(p.prompt, p.answer, str(p.uid)) for p in problems]
+    # The demo samples exactly as its policy was trained (plain temperature sampling, no penalty), not with the
+    # paper's evaluation protocol, which is tuned for long natural-language reasoning.
+    protocol = EvalProtocol(
+        name="demo",
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        max_new_tokens=config.max_completion_length,
+        samples_per_question=config.samples,
+        description="metastone demo: the synthetic task's training-time sampling",
+    )
     records = run_best_of_n_eval(
         model,
         tokenizer,
         examples,
-        num_samples=config.samples,
+        protocol=protocol,
         prompt_builder=lambda text: text,
         answer_extractor=task.extract_answer,
         grader=lambda completion, answer: task.reward(completion, answer) > 0.5,
         batch_size=config.eval_batch_size,
-        max_new_tokens=config.max_completion_length,
-        temperature=config.temperature,
-        top_p=1.0,
-        top_k=0,
         seed=config.seed,
         progress_bar=progress,
     )
