@@ -326,3 +326,62 @@ def test_half_precision_scores_use_the_float32_head_and_agree_with_float32(tmp_p
         torch.testing.assert_close(step_logits, torch.tensor(expected), atol=2e-3, rtol=1e-2)
     reference = fp32.score_trajectories(ids, mask)
     torch.testing.assert_close(got.scores, reference.scores, atol=0.02, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- transformers conformance
+def test_config_from_a_plain_causal_lm_checkpoint_wraps_its_sizes(tmp_path):
+    Qwen2ForCausalLM(tiny_text_config(vocab_size=151936, hidden_size=16, intermediate_size=32)).save_pretrained(
+        tmp_path
+    )
+    config = MetaStoneConfig.from_pretrained(tmp_path)
+    assert config.model_type == "metastone" and config.text_config.model_type == "qwen2"
+    text = config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (16, 4, 151936)
+    assert not hasattr(config, "hidden_size") or config.hidden_size != 4096  # no default-sized backbone invented
+
+
+def test_model_from_a_plain_causal_lm_checkpoint_fails_before_allocating(tmp_path, monkeypatch):
+    Qwen2ForCausalLM(tiny_text_config()).save_pretrained(tmp_path)
+    built = []
+    monkeypatch.setattr(MetaStoneForCausalLMWithSPRM, "__init__", lambda self, config: built.append(config))
+    with pytest.raises(ValueError, match=r"plain `qwen2` checkpoint.*from_backbone"):
+        MetaStoneForCausalLMWithSPRM.from_pretrained(tmp_path)
+    assert not built  # refused from config.json alone
+
+
+def test_plain_causal_lm_checkpoint_loads_with_a_fresh_head_when_asked(tmp_path):
+    backbone = Qwen2ForCausalLM(tiny_text_config(vocab_size=151936, hidden_size=16, intermediate_size=32)).eval()
+    backbone.save_pretrained(tmp_path)
+    model = MetaStoneForCausalLMWithSPRM.from_pretrained(tmp_path, sprm_head_may_be_missing=True).eval()
+    assert model.config.text_config.hidden_size == 16
+    ids = torch.tensor([[1, 151648, 9, 382, 33, 151649]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, backbone(ids).logits)
+
+
+def test_return_dict_false_returns_a_tuple_like_qwen2():
+    model = tiny_metastone()
+    twin = plain_twin(model)
+    ids = torch.tensor(random_trajectories(1, seed=2, min_len=10, max_len=10))
+    with torch.no_grad():
+        ours = model(ids, return_dict=False)
+        stock = twin(ids, return_dict=False)
+        as_dict = model(ids)
+    assert isinstance(ours, tuple) and isinstance(stock, tuple)
+    torch.testing.assert_close(ours[0], stock[0])  # logits first, as in Qwen2ForCausalLM
+    torch.testing.assert_close(ours[-1], as_dict.sprm_score_mask)
+    assert any(torch.equal(t, as_dict.sprm_logits) for t in ours if isinstance(t, torch.Tensor))
+
+
+def test_past_key_values_warns_like_stock_models():
+    from transformers import DynamicCache
+
+    model = tiny_metastone()
+    ids = torch.tensor(random_trajectories(1, seed=3, min_len=10, max_len=10))
+    with torch.no_grad():
+        first = model(ids[:, :-1], use_cache=True)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            old_name = model(ids[:, -1:], past_key_values=first.cache, use_cache=True)
+        again = model(ids[:, :-1], use_cache=True, cache=DynamicCache(config=model.config.text_config))
+        new_name = model(ids[:, -1:], cache=again.cache, use_cache=True)
+    torch.testing.assert_close(old_name.logits, new_name.logits)

@@ -11,6 +11,9 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Token ids of the DeepSeek-R1-Distill-Qwen tokenizer (the MetaStone-S1 1.5B/7B backbone):
 # '.\n\n' -> 382 (the official step token), '<think>' -> 151648, '</think>' -> 151649.
@@ -85,6 +88,18 @@ class MetaStoneConfig(PreTrainedConfig):
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self.validate_sprm()
+
+    @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkpoint's config dict; a plain causal-LM config (e.g. a Qwen2 checkpoint) becomes the backbone.
+
+        Without this, ``MetaStoneConfig.from_pretrained(<Qwen2 folder>)`` would read the Qwen2 fields as unknown
+        top-level fields and fall back to a default-sized backbone.
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return wrap_backbone_config_dict(config_dict), kwargs
 
     # ------------------------------------------------------------------ validation
     def validate_sprm(self) -> None:
@@ -201,6 +216,23 @@ class MetaStoneConfig(PreTrainedConfig):
             "think_start_token_id": lookup(think_start),
             "think_end_token_id": lookup(think_end),
         }
+
+
+def wrap_backbone_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A MetaStone config dict as is; a plain decoder config dict as the ``text_config`` of a MetaStone one.
+
+    The step and think token ids then keep their (DeepSeek-R1-Distill-Qwen) defaults; read them from the tokenizer
+    with [`MetaStoneConfig.sprm_token_ids_from_tokenizer`] for another tokenizer.
+    """
+    model_type = config_dict.get("model_type")
+    if model_type in (None, MetaStoneConfig.model_type) or "text_config" in config_dict:
+        return config_dict
+    logger.info("Using the `%s` config as the backbone (`text_config`) of a MetaStone config.", model_type)
+    wrapped: dict[str, Any] = {"model_type": MetaStoneConfig.model_type, "text_config": dict(config_dict)}
+    for key in ("tie_word_embeddings", "dtype", "torch_dtype", "pad_token_id", "eos_token_id", "bos_token_id"):
+        if key in config_dict:
+            wrapped[key] = config_dict[key]
+    return wrapped
 
 
 STEP_TOKEN_MODES = ("official", "paper", "zh")

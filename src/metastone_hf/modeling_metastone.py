@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_metastone import MetaStoneConfig
 
@@ -200,6 +201,11 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The plans of Qwen2/Qwen3/LlamaForCausalLM for `lm_head`; the backbone brings its own (`model.*`). The SPRM head
+    # is small and reads the feature layer's output, which is whole (not sharded) under these plans: it is replicated.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: MetaStoneConfig):
         super().__init__(config)
@@ -265,6 +271,8 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         return self.sprm_head(features.to(head_dtype))
 
     # ------------------------------------------------------------------ forward
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -285,8 +293,6 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
                 head is ~0.4% of a 7B forward; turn it off for pure LM work.
             Other arguments: as ``Qwen2ForCausalLM.forward``.
         """
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
         with contextlib.ExitStack() as stack:
             captured = stack.enter_context(self.capture_sprm_features()) if return_sprm_logits else None
             outputs = self.model(
@@ -450,6 +456,8 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         A silently re-initialised head would score at random. To wrap a plain causal LM checkpoint with a
         fresh head use [`from_backbone`] (or pass ``sprm_head_may_be_missing=True``).
         """
+        if args and kwargs.get("config") is None and not sprm_head_may_be_missing:
+            _refuse_plain_causal_lm(args[0], kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith("sprm_head."))
@@ -518,6 +526,26 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 nn.init.zeros_(module.bias)
+
+
+def _refuse_plain_causal_lm(path: Any, kwargs: dict[str, Any]) -> None:
+    """Fail before anything is allocated when ``path`` holds a plain causal LM (its head would be random)."""
+    if isinstance(path, PreTrainedConfig) or path is None:
+        return
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub_kwargs)
+    model_type = config_dict.get("model_type")
+    if model_type in (None, MetaStoneConfig.model_type):
+        return
+    raise ValueError(
+        f"{path} is a plain `{model_type}` checkpoint, not a MetaStone one: it has no SPRM head, which would score at "
+        f"random. Wrap it with a fresh head with `MetaStoneForCausalLMWithSPRM.from_backbone({str(path)!r}, "
+        "tokenizer=tokenizer)`, or convert an official MetaStone-S1 release (with score_module.pt) with "
+        "`metastone convert`."
+    )
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
 def _no_cached_prefix(cache: Any, input_ids: torch.Tensor) -> bool:
