@@ -385,3 +385,19 @@ def test_past_key_values_warns_like_stock_models():
         again = model(ids[:, :-1], use_cache=True, cache=DynamicCache(config=model.config.text_config))
         new_name = model(ids[:, -1:], cache=again.cache, use_cache=True)
     torch.testing.assert_close(old_name.logits, new_name.logits)
+
+
+def test_lm_loss_gives_the_head_an_exact_zero_gradient():
+    model = tiny_metastone().train()
+    twin = plain_twin(model).train()
+    ids = torch.tensor(random_trajectories(2, seed=6, min_len=12, max_len=12))
+    torch.manual_seed(0)
+    loss = model(ids, labels=ids).loss
+    torch.manual_seed(0)
+    torch.testing.assert_close(loss, twin(ids, labels=ids).loss)  # the LM loss itself is unchanged
+    loss.backward()
+    for parameter in model.sprm_head.parameters():
+        assert parameter.grad is not None and not parameter.grad.any()
+    with torch.no_grad():
+        model.sprm_head[3].bias.fill_(float("nan"))  # a broken head must not poison the LM loss
+    assert torch.isfinite(model(ids, labels=ids).loss)
