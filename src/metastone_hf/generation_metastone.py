@@ -652,6 +652,7 @@ def best_of_n_generate(
         stopping_criteria.append(scorer)
         if cache is not None:
             extra["cache"] = cache
+        extra["return_sprm_logits"] = True  # plain decoding skips the head; the online scorer reads it
         handle = model.register_forward_hook(scorer.hook)
         try:
             sequences = GenerationMixin.generate(

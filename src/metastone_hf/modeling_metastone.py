@@ -187,7 +187,8 @@ class MetaStonePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    # Plain decoding (`generate` without Best-of-N) does not run the head, so its forward has no hook to trace.
+    _can_compile_fullgraph = True
     # The head keeps float32 weights when the backbone is loaded in bf16/fp16 (see `MetaStoneSPRMHead`).
     _keep_in_fp32_modules_strict = ["sprm_head"]
 
@@ -296,17 +297,20 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
                 Under weight decay a trainable head with zero gradient still decays: freeze it to keep it exact.
             Other arguments: as ``Qwen2ForCausalLM.forward``.
         """
-        with contextlib.ExitStack() as stack:
-            captured = stack.enter_context(self.capture_sprm_features()) if return_sprm_logits else None
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                **kwargs,
-            )
+        backbone_inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "cache": cache,
+            "inputs_embeds": inputs_embeds,
+            "use_cache": use_cache,
+            **kwargs,
+        }
+        if return_sprm_logits:
+            with self.capture_sprm_features() as captured:
+                outputs = self.model(**backbone_inputs)
+        else:
+            outputs = self.model(**backbone_inputs)
         hidden_states = outputs.last_hidden_state
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
@@ -337,6 +341,15 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             sprm_logits=sprm_logits,
             sprm_score_mask=score_mask,
         )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs for a decoding step; plain decoding skips the SPRM head (no hook, compilable).
+
+        Best-of-N generation asks for the head with ``return_sprm_logits=True``.
+        """
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs.setdefault("return_sprm_logits", False)
+        return model_inputs
 
     # ------------------------------------------------------------------ scoring
     def sprm_score_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
