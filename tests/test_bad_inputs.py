@@ -109,3 +109,33 @@ def test_backbone_that_is_not_a_causal_lm_is_refused():
         MetaStoneForCausalLMWithSPRM.from_backbone(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="already a MetaStone model"):
         MetaStoneForCausalLMWithSPRM.from_backbone(tiny_metastone())
+
+
+@pytest.mark.parametrize(
+    ("ids", "mask", "error", "message"),
+    [
+        ([[1, 2, 3]], None, TypeError, "must be a torch tensor"),
+        (torch.ones(1, 3), None, TypeError, "integer token ids"),
+        (
+            torch.tensor([[1, 2, 512]]),
+            None,
+            ValueError,
+            r"token id 512, outside the model's vocabulary \(vocab_size=512\)",
+        ),
+        (torch.tensor([[1, -1, 3]]), None, ValueError, "token id -1, outside"),
+        (torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 2], [1, 1, 1]]), ValueError, "0 \\(padding\\) and 1"),
+        (torch.ones(2, 3, dtype=torch.long), torch.tensor([[0, 0, 0], [1, 1, 1]]), ValueError, "all padding"),
+        (torch.ones(2, 3, dtype=torch.long), [[1, 1, 1], [1, 1, 1]], TypeError, "`attention_mask` must be a torch"),
+    ],
+)
+def test_token_batches_are_checked_before_any_work(ids, mask, error, message):
+    model = tiny_metastone()
+    with pytest.raises(error, match=message):
+        model.score_trajectories(ids, mask)
+    with pytest.raises(error, match=message):
+        model.generate(ids, attention_mask=mask, num_candidates=2, max_new_tokens=2, progress_bar=False)
+
+
+def test_score_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="`batch_size` must be an int >= 1"):
+        tiny_metastone().score_trajectories(torch.ones(2, 3, dtype=torch.long), batch_size=0)

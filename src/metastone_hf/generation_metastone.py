@@ -45,7 +45,7 @@ from transformers import DynamicCache, GenerationMixin, StoppingCriteria, Stoppi
 from transformers.utils import ModelOutput
 from transformers.utils.logging import tqdm
 
-from .modeling_metastone import _eval_mode, build_sprm_scores
+from .modeling_metastone import _eval_mode, build_sprm_scores, check_token_batch
 
 # --------------------------------------------------------------------------------------------------
 # Output
@@ -523,12 +523,14 @@ def best_of_n_generate(
         input_ids = extra.pop("input_ids", None)
     if input_ids is None:
         raise ValueError("Best-of-N generation needs the prompt token ids (`input_ids`).")
-    if input_ids.ndim == 1:
-        input_ids = input_ids.unsqueeze(0)
+    if isinstance(input_ids, torch.Tensor) and input_ids.shape[-1:] == (0,):
+        raise ValueError("Best-of-N generation needs a non-empty prompt.")
+    given_mask = extra.get("attention_mask")
+    input_ids, _ = check_token_batch(input_ids, given_mask, model.config.get_text_config().vocab_size)
+    if given_mask is not None:
+        extra["attention_mask"] = given_mask.reshape(input_ids.shape)
     input_ids = input_ids.to(model.device)
     batch_size, prompt_length = input_ids.shape
-    if prompt_length == 0:
-        raise ValueError("Best-of-N generation needs a non-empty prompt.")
 
     user_config = arguments.pop("generation_config", None)
     explicit_greedy = extra.get("do_sample") is False or (user_config is not None and user_config.do_sample is False)

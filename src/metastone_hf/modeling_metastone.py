@@ -89,6 +89,49 @@ def sprm_step_token_mask(
     return keep
 
 
+def check_token_batch(
+    input_ids: Any, attention_mask: Any | None, vocab_size: int, name: str = "input_ids"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate token ids and their mask before any work; returns ``[B, T]`` ids and mask (all ones by default).
+
+    Raises ``ValueError``/``TypeError`` naming the argument and the fix instead of an error from inside torch (an
+    out-of-vocabulary id would otherwise surface as an ``IndexError`` in the embedding lookup).
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"`{name}` must be a torch tensor of token ids, got {type(input_ids).__name__}; use "
+            "`tokenizer(texts, return_tensors='pt', padding=True)`."
+        )
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}; use `.long()`.")
+    if input_ids.ndim == 1:
+        input_ids = input_ids.unsqueeze(0)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}.")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        bad = int(input_ids.max()) if int(input_ids.max()) >= vocab_size else int(input_ids.min())
+        raise ValueError(
+            f"`{name}` holds token id {bad}, outside the model's vocabulary (vocab_size={vocab_size}): the ids come "
+            "from another tokenizer, or padding uses an invalid id. Tokenize with the checkpoint's own tokenizer."
+        )
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"`attention_mask` must be a torch tensor, got {type(attention_mask).__name__}.")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `{name}` shape "
+            f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with these ids."
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("`attention_mask` must hold 0 (padding) and 1 (real token) only.")
+    if not bool(attention_mask.bool().any(dim=-1).all()):
+        raise ValueError("A row of `attention_mask` is all padding: every row needs at least one real token.")
+    return input_ids, attention_mask
+
+
 def sprm_score_mask(step_token_mask: torch.Tensor) -> torch.Tensor:
     """Positions whose SPRM logit scores a step: the position just before each kept step token."""
     return F.pad(step_token_mask[:, 1:], (0, 1), value=False)
@@ -380,19 +423,9 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             attention_mask: ``[B, T]``, 1 for real tokens; defaults to all ones.
             batch_size: score at most this many rows per forward (memory bound); default all at once.
         """
-        if input_ids.ndim == 1:
-            input_ids = input_ids.unsqueeze(0)
-            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(
-                f"`input_ids` must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}."
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape {tuple(input_ids.shape)}."
-            )
+        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.config.text_config.vocab_size)
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"`batch_size` must be an int >= 1 (rows per forward) or None, got {batch_size!r}.")
         max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
         if max_positions is not None and input_ids.shape[1] > max_positions:
             raise ValueError(
@@ -617,6 +650,7 @@ MetaStoneForCausalLMWithSPRM.register_for_auto_class("AutoModel")
 MetaStoneForCausalLMWithSPRM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "check_token_batch",
     "MetaStoneCausalLMOutputWithPast",
     "MetaStoneForCausalLMWithSPRM",
     "MetaStonePreTrainedModel",
