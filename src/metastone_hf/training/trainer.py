@@ -538,6 +538,43 @@ class SPRMGRPOTrainer(GRPOTrainer):
             )
         self.accelerator.wait_for_everyone()
 
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        """Trainer's ``save_pretrained`` folder, with two engine fixes (``save_model`` calls this on every rank).
+
+        * DeepSpeed: the engine's state dict holds the head in the training dtype (bf16 under mixed precision); the
+          head is written from the ZeRO optimizer's float32 master weights instead, i.e. the head training updates.
+        * FSDP2 gives the sharded model a generated class (``FSDP<Name>``) defined in torch; ``save_pretrained`` would
+          record it in ``auto_map`` and copy torch's files as the remote code. The model's own class is used instead.
+        """
+        if self.is_deepspeed_enabled:
+            master_head = self._fp32_master_head()  # on every rank: gathering ZeRO-3 partitions is a collective
+            if state_dict:  # under ZeRO-3 only the main process holds the gathered state dict
+                state_dict = {**state_dict, **master_head}
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        sharded_class = type(model)
+        model.__class__ = _class_without_fsdp(sharded_class)
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            model.__class__ = sharded_class
+
+    def _fp32_master_head(self) -> dict[str, torch.Tensor]:
+        """The head's float32 master weights kept by DeepSpeed's ZeRO optimizer, named as in the model's state dict.
+
+        A collective under ZeRO-3 (the partitions are gathered): every rank calls it.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        head_ids = {id(p) for p in self._sprm_head_parameters()}
+        model = self.accelerator.unwrap_model(self.model)
+        weights: dict[str, torch.Tensor] = {}
+        for name, parameter in model.named_parameters():
+            if id(parameter) in head_ids:
+                master = safe_get_full_fp32_param(parameter)
+                if master is not None:
+                    weights[name] = master.detach().cpu().contiguous()
+        return weights
+
     @staticmethod
     def head_param_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The optimizer's SPRM-head parameter group, if it has one."""
@@ -554,6 +591,17 @@ def _schedule_lambda(name: str, num_warmup_steps: int, num_training_steps: int) 
             f"`sprm_lr_scheduler_type={name!r}` is not a LambdaLR-based schedule; use constant, linear, cosine, ..."
         )
     return schedule.lr_lambdas[0]
+
+
+def _class_without_fsdp(cls: type) -> type:
+    """``cls`` itself, or for the class FSDP2's ``fully_shard`` generates (``FSDP<Name>``), the model's own class."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return cls
+    if not issubclass(cls, FSDPModule):
+        return cls
+    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
 
 
 def _clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> float:
