@@ -45,13 +45,18 @@ def test_grader_rejects_wrong_answers(data_dir):
 
 
 def test_bad_dataset_inputs(tmp_path):
-    with pytest.raises(ValueError, match="data_dir"):
-        load_eval_examples("gsm8k")
+    with pytest.raises(ValueError, match="Unknown dataset 'gsm9k'"):
+        load_eval_examples("gsm9k")
+    with pytest.raises(FileNotFoundError, match=r"gsm8k_test\.jsonl not found.*downloaded from the Hub"):
+        load_eval_examples("gsm8k", tmp_path)  # --data-dir without the file
     with pytest.raises(FileNotFoundError, match="not found"):
         load_eval_examples(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "hi", "answer": 1}\n')
     with pytest.raises(ValueError, match="prompt fields"):
+        load_eval_examples(bad)
+    bad.write_text('{"question": "hi"}\n')
+    with pytest.raises(ValueError, match="no `answer` field"):
         load_eval_examples(bad)
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -8,6 +8,7 @@ and the protocol actually used is recorded in the summary and the report.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -18,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import best_of_n_accuracy, bootstrap_ci, pass_at_1, random_pick_accuracy, roc_auc, vote_accuracy
+from .math_datasets import MATH_DATASETS, gold_answer, load_math_rows
+from .math_datasets import PROMPT_FIELDS as PROMPT_FIELDS  # re-exported for callers of the earlier API
+from .metrics import budget_items, load_evaluate_metric, metric_key
 
-DATASET_FILES = {"aime24": "aime24.jsonl", "gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl"}
-PROMPT_FIELDS = ("prompt", "problem", "question")
+DATASET_FILES = {name: spec.local_file for name, spec in MATH_DATASETS.items()}
+"""File name of each registered benchmark in a ``--data-dir`` folder."""
 
 
 @dataclass(frozen=True)
@@ -135,57 +138,26 @@ class EvalExample:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def gold_answer(row: dict[str, Any]) -> str:
-    """The gold answer of a dataset row: ``answer`` (GSM8K's ``... #### N`` reduced to ``N``)."""
-    if "answer" not in row:
-        raise ValueError(f"Row has no `answer` field (fields: {sorted(row)}); each row needs a prompt and an answer.")
-    answer = str(row["answer"])
-    if "####" in answer:
-        answer = answer.split("####")[-1].strip().replace(",", "")
-    return answer.strip()
-
-
 def load_eval_examples(
-    name_or_path: str | Path, data_dir: str | Path | None = None, limit: int | None = None
+    name_or_path: str | Path,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    split: str | None = None,
 ) -> list[EvalExample]:
-    """Load ``aime24`` / ``gsm8k`` / ``math500`` (from ``data_dir``) or any jsonl file with a prompt and an answer.
+    """The questions of a registered benchmark (``aime24`` / ``gsm8k`` / ``math500``) or of a local dataset.
 
-    The prompt is read from the first of ``prompt``, ``problem``, ``question``; the answer from ``answer``.
+    A registered name is downloaded from the Hub with ``datasets`` (see
+    :data:`~metastone_hf.math_datasets.MATH_DATASETS` for its id, split and fields), or read from ``data_dir`` when
+    given (a folder holding ``aime24.jsonl``, ``gsm8k_test.jsonl``, ``math500_test.jsonl``). Anything else is a
+    local ``.jsonl`` / ``.json`` / ``.parquet`` file or dataset folder: the prompt is read from the first of
+    ``prompt``, ``problem``, ``question``, the answer from ``answer``. ``split`` overrides the registered split (or
+    picks one of a local ``DatasetDict``). See :func:`~metastone_hf.math_datasets.load_math_rows` for the errors.
     """
-    name = str(name_or_path)
-    if name in DATASET_FILES:
-        if data_dir is None:
-            raise ValueError(
-                f"Dataset {name!r} is read from a local folder: pass data_dir (--data-dir) holding {DATASET_FILES[name]}."
-            )
-        path = Path(data_dir) / DATASET_FILES[name]
-    else:
-        path = Path(name)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: give one of {sorted(DATASET_FILES)} with --data-dir, or a .jsonl file."
-        )
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from error
-            prompt_field = next((k for k in PROMPT_FIELDS if k in row), None)
-            if prompt_field is None:
-                raise ValueError(f"{path}:{line_number} has none of the prompt fields {PROMPT_FIELDS}.")
-            examples.append(
-                EvalExample(
-                    str(row[prompt_field]), gold_answer(row), str(row.get("id", row.get("unique_id", line_number)))
-                )
-            )
-            if limit is not None and len(examples) >= limit:
-                break
+    loaded = load_math_rows(name_or_path, data_dir, split=split, limit=limit)
+    examples = [EvalExample(p.question, p.answer, p.id) for p in loaded.problems()]
     if not examples:
-        raise ValueError(f"{path} holds no examples.")
+        raise ValueError(f"{loaded.origin} holds no examples.")
     return examples
 
 
@@ -378,6 +350,12 @@ def default_prompt_builder(tokenizer: Any, model: Any) -> Callable[[str], str]:
     return build
 
 
+@functools.cache
+def _scaling_metric() -> Any:
+    """The test-time-scaling ``evaluate`` module, loaded once per process (loading imports and hashes its file)."""
+    return load_evaluate_metric()
+
+
 def summarize(
     records: EvalRecords,
     budgets: dict[str, int] | Sequence[int] = (2, 8, 32),
@@ -386,33 +364,31 @@ def summarize(
 ) -> dict[str, Any]:
     """Every metric per budget with a bootstrap interval, plus the SPRM AUC (correct vs incorrect candidates).
 
+    The values are computed by the package's ``evaluate`` metric module (see
+    :func:`~metastone_hf.metrics.evaluate_module_path`); a budget above the records' candidates per question is
+    left out of ``metrics`` (its table cells read ``-``).
+
     The summary's ``protocol`` says how the candidates were sampled: ``protocol`` when given, else the records'
     own (set by :func:`run_best_of_n_eval`); ``None`` when neither is known.
     """
     if isinstance(protocol, EvalProtocol):
         protocol = protocol_record(protocol, records.correct.shape[1])
     protocol = protocol if protocol is not None else records.protocol
-    if isinstance(budgets, dict):
-        labelled = sorted(budgets.items(), key=lambda kv: kv[1])
-    else:
-        labelled = [(str(n), n) for n in sorted(budgets)]
-    correct, scores = records.correct, records.scores
-
-    def entry(per_question: np.ndarray) -> dict[str, float]:
-        low, high = bootstrap_ci(per_question, confidence)
-        return {"mean": float(np.mean(per_question)), "ci_low": low, "ci_high": high}
-
-    table: dict[str, Any] = {"pass@1": entry(pass_at_1(correct))}
-    for label, n in labelled:
-        if n > correct.shape[1]:
-            continue
-        suffix = f"@{n}" if label == str(n) else f"@{n} ({label})"
-        table[f"majority{suffix}"] = entry(vote_accuracy(correct, records.answers, n))
-        table[f"random{suffix}"] = entry(random_pick_accuracy(correct, n))
-        table[f"sprm_vote{suffix}"] = entry(vote_accuracy(correct, records.answers, n, weights=scores))
-        table[f"bon_sprm{suffix}"] = entry(best_of_n_accuracy(correct, scores, n))
-    flat_correct, flat_scores = correct.reshape(-1).astype(bool), scores.reshape(-1)
-    auc = roc_auc(flat_scores[flat_correct], flat_scores[~flat_correct])
+    labelled = budget_items(budgets)
+    correct = records.correct
+    # Through the shipped `evaluate` module: a report and `evaluate.load(evaluate_module_path())` give the same
+    # numbers by construction. Answers are compared as strings there (Arrow columns need one type).
+    results = _scaling_metric().compute(
+        correct=np.asarray(correct, dtype=float).tolist(),
+        scores=np.asarray(records.scores, dtype=float).tolist(),
+        answers=[[None if a is None else str(a) for a in row] for row in records.answers],
+        budgets=dict(labelled),
+        confidence=confidence,
+    )
+    table = {
+        key: {"mean": results[key], "ci_low": low, "ci_high": high} for key, (low, high) in results["intervals"].items()
+    }
+    auc = results["sprm_auc"]
     return {
         "questions": int(correct.shape[0]),
         "samples_per_question": int(correct.shape[1]),
@@ -437,7 +413,7 @@ def format_table(summary: dict[str, Any]) -> str:
     for method in ("random", "majority", "sprm_vote", "bon_sprm"):
         cells = []
         for label, n in budgets:
-            key = f"{method}@{n}" if label == str(n) else f"{method}@{n} ({label})"
+            key = metric_key(method, n, label)
             cells.append(_cell(metrics[key]) if key in metrics else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     auc = summary["sprm_auc"]
@@ -482,7 +458,7 @@ def plot_accuracy_vs_n(summary: dict[str, Any], path: str | Path, title: str = "
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.axhline(100 * metrics["pass@1"]["mean"], color="gray", linestyle="--", label="pass@1")
     for method, style in (("random", ":"), ("majority", "-"), ("sprm_vote", "-."), ("bon_sprm", "-")):
-        keys = [f"{method}@{n}" if label == str(n) else f"{method}@{n} ({label})" for label, n in budgets]
+        keys = [metric_key(method, n, label) for label, n in budgets]
         points = [(n, metrics[k]) for n, k in zip(ns, keys) if k in metrics]
         if not points:
             continue

@@ -3,11 +3,18 @@
 Same flags as ``trl grpo`` (script, ``SPRMGRPOConfig`` = ``GRPOConfig`` + ``--sprm_*``, ``ModelConfig``, dataset
 mixture), plus:
 
-* ``--dataset_path FILE.jsonl``: a local math jsonl (GSM8K ``question``/``answer`` with ``#### N``, MATH-500
-  ``problem``/``answer``, AIME ``prompt``/``answer``, or already ``prompt``/``solution``), turned into
-  conversational prompts ending with the paper's instruction and a ``solution`` column for the reward;
-* ``--export_dataset_dir DIR``: write that converted dataset as ``DIR/train.jsonl`` and exit, so that plain
-  ``trl grpo --dataset_name DIR`` can train on it too.
+* ``--dataset_name gsm8k|math500|aime24``: a registered math benchmark, downloaded from the Hub with ``datasets``
+  (``openai/gsm8k`` config ``main``, ``HuggingFaceH4/MATH-500``, ``HuggingFaceH4/aime_2024``; see
+  :data:`metastone_hf.math_datasets.MATH_DATASETS`). Its training split is read (GSM8K: ``train``; the others have
+  only their benchmark split) unless ``--dataset_train_split`` names another. Any other ``--dataset_name`` is
+  loaded as by ``trl grpo``;
+* ``--dataset_path PATH``: a local math dataset, a ``.jsonl`` / ``.json`` / ``.parquet`` file, a folder written by
+  ``save_to_disk`` or a folder holding one such file (GSM8K ``question``/``answer`` with ``#### N``, MATH-500
+  ``problem``/``answer``, AIME ``prompt``/``answer``, or already ``prompt``/``solution``).
+
+Both are turned into conversational prompts ending with the paper's instruction and a ``solution`` column for the
+reward. ``--export_dataset_dir DIR`` writes that converted dataset as ``DIR/train.jsonl`` and exits, so that plain
+``trl grpo --dataset_name DIR`` can train on it too.
 
 Rewards: ``accuracy_reward`` from ``trl.rewards`` (math-verify) by default; any name of the ``trl grpo``
 registry or a dotted import path.
@@ -17,7 +24,7 @@ examples/README.md):
 
     python -c "from metastone_hf.tiny import save_tiny_checkpoint; save_tiny_checkpoint('tiny-metastone')"
     python examples/grpo_sprm.py --model_name_or_path tiny-metastone \
-        --dataset_path ../shared/data/gsm8k_test.jsonl --max_train_samples 32 \
+        --dataset_name gsm8k --max_train_samples 32 \
         --output_dir out/grpo-sprm-tiny --max_steps 2 --per_device_train_batch_size 4 --num_generations 4 \
         --max_completion_length 32 --use_cpu --bf16 false --gradient_checkpointing false \
         --logging_steps 1 --report_to none --save_strategy no
@@ -26,27 +33,32 @@ examples/README.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trl import ScriptArguments
 
-from ..evaluation import PROMPT_FIELDS, gold_answer
+from ..math_datasets import MATH_DATASETS, PROMPT_FIELDS, MathDatasetSpec, gold_answer, load_math_rows, prompt_field_of
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 @dataclass
 class SPRMScriptArguments(ScriptArguments):
-    """Script arguments of the GRPO + SPRM script (those of ``trl grpo`` plus a local jsonl dataset).
+    """Script arguments of the GRPO + SPRM script (those of ``trl grpo`` plus math datasets by name or path).
+
+    ``dataset_name`` may also be a registered math benchmark (``gsm8k``, ``math500``, ``aime24``): it is then
+    downloaded from the Hub and converted like ``dataset_path``.
 
     Args:
         dataset_path (`str`, *optional*):
-            Local jsonl of math problems (GSM8K, MATH-500, AIME formats or ``prompt``/``solution``). Overrides
+            Local math dataset: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a ``save_to_disk`` folder or a folder
+            holding one such file (GSM8K, MATH-500, AIME formats or ``prompt``/``solution``). Overrides
             ``dataset_name``.
         max_train_samples (`int`, *optional*):
             Keep only the first N rows of the training split.
@@ -61,7 +73,10 @@ class SPRMScriptArguments(ScriptArguments):
             ``get_soft_overlong_punishment`` or a dotted import path.
     """
 
-    dataset_path: str | None = field(default=None, metadata={"help": "Local math jsonl (GSM8K/MATH-500/AIME)."})
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Local math dataset (.jsonl/.json/.parquet file or dataset folder; GSM8K/MATH-500/AIME)."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Appended to every question."})
     export_dataset_dir: str | None = field(
@@ -77,32 +92,59 @@ class SPRMScriptArguments(ScriptArguments):
     )
 
 
-def math_row_to_grpo(row: dict[str, Any], instruction: str) -> dict[str, Any]:
-    """One GSM8K / MATH-500 / AIME row -> ``{"prompt": [user message], "solution": gold answer}``."""
+def math_row_to_grpo(row: dict[str, Any], instruction: str, spec: MathDatasetSpec | None = None) -> dict[str, Any]:
+    """One GSM8K / MATH-500 / AIME row -> ``{"prompt": [user message], "solution": gold answer}``.
+
+    ``spec`` is the registered dataset the row comes from (its field names win); rows that already have ``prompt``
+    and ``solution`` are kept as they are.
+    """
     if "prompt" in row and "solution" in row:
         return {"prompt": row["prompt"], "solution": str(row["solution"])}
-    prompt_field = next((k for k in PROMPT_FIELDS if k in row), None)
+    prompt_field = prompt_field_of(row, spec)
     if prompt_field is None:
         raise ValueError(f"No {'/'.join(PROMPT_FIELDS)} field in row with keys {sorted(row)}.")
-    answer = gold_answer(row)
+    answer = gold_answer(row, spec.answer_field if spec else "answer")
     question = str(row[prompt_field]).strip()
     if instruction and instruction not in question:
         question = f"{question}\n{instruction}"
     return {"prompt": [{"role": "user", "content": question}], "solution": f"${answer}$"}
 
 
-def load_math_jsonl(path: str, instruction: str, max_samples: int | None = None):
-    """A local math jsonl as a ``datasets.Dataset`` with ``prompt`` (conversational) and ``solution``."""
+TRAIN_LOCAL_HINT = "pass a local file with --dataset_path PATH"
+
+
+def load_math_dataset(source: str | Path, instruction: str, max_samples: int | None = None, split: str | None = None):
+    """A math dataset as a ``datasets.Dataset`` with ``prompt`` (conversational) and ``solution``.
+
+    ``source`` is a registered name (a ``str``: downloaded from the Hub, ``split`` defaulting to its training
+    split) or a local file or dataset folder (a ``Path``: ``split`` defaulting to ``train``, which picks a
+    ``DatasetDict``'s split or a folder's ``train.jsonl``); see :func:`metastone_hf.math_datasets.load_math_rows`.
+    """
     from datasets import Dataset
 
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                rows.append(math_row_to_grpo(json.loads(line), instruction))
-            if max_samples is not None and len(rows) >= max_samples:
-                break
-    return Dataset.from_list(rows)
+    if isinstance(source, str) and source in MATH_DATASETS:
+        split = split or MATH_DATASETS[source].train_split
+    else:
+        source, split = Path(source), split or "train"
+    loaded = load_math_rows(source, split=split, limit=max_samples, local_hint=TRAIN_LOCAL_HINT)
+    return Dataset.from_list([math_row_to_grpo(row, instruction, loaded.spec) for row in loaded.rows])
+
+
+def _requested_split(script_args: SPRMScriptArguments, name: str) -> str | None:
+    """``--dataset_<name>`` when the user changed it from TRL's default, else ``None`` (the dataset's own split)."""
+    value = getattr(script_args, name)
+    default = next(f.default for f in dataclasses.fields(ScriptArguments) if f.name == name)
+    return None if value == default else value
+
+
+def math_dataset_source(script_args: SPRMScriptArguments) -> str | Path | None:
+    """What this run reads as a math dataset: ``--dataset_path`` (a ``Path``), a registered ``--dataset_name``
+    (its name), or ``None`` when TRL's own dataset loading applies."""
+    if script_args.dataset_path:
+        return Path(script_args.dataset_path)
+    if script_args.dataset_name in MATH_DATASETS:
+        return script_args.dataset_name
+    return None
 
 
 def resolve_reward_funcs(script_args: SPRMScriptArguments) -> list[Any]:
@@ -140,11 +182,18 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
 
     from .trainer import SPRMGRPOTrainer
 
-    if script_args.dataset_path:
-        train_dataset = load_math_jsonl(
-            script_args.dataset_path, script_args.instruction, script_args.max_train_samples
+    source = math_dataset_source(script_args)
+    if source is not None:
+        train_dataset = load_math_dataset(
+            source,
+            script_args.instruction,
+            script_args.max_train_samples,
+            _requested_split(script_args, "dataset_train_split"),
         )
         eval_dataset = None
+        if isinstance(source, str) and training_args.eval_strategy != "no":
+            test_split = _requested_split(script_args, "dataset_test_split") or MATH_DATASETS[source].split
+            eval_dataset = load_math_dataset(source, script_args.instruction, split=test_split)
     else:
         if dataset_args.datasets:
             dataset = get_dataset(dataset_args)
@@ -153,7 +202,10 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
                 script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
             )
         else:
-            raise ValueError("Give `--dataset_path FILE.jsonl`, `--dataset_name` or `--datasets`.")
+            raise ValueError(
+                f"Give `--dataset_name` ({', '.join(sorted(MATH_DATASETS))} or any Hub dataset), `--dataset_path PATH` "
+                "or `--datasets`."
+            )
         train_dataset = dataset[script_args.dataset_train_split]
         if script_args.max_train_samples is not None:
             train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
@@ -189,10 +241,18 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
 
 
 def export_dataset(script_args: SPRMScriptArguments) -> None:
-    """Write the converted ``--dataset_path`` to ``--export_dataset_dir``/train.jsonl (for plain ``trl grpo``)."""
-    if not script_args.dataset_path:
-        raise ValueError("`--export_dataset_dir` needs `--dataset_path`.")
-    dataset = load_math_jsonl(script_args.dataset_path, script_args.instruction, script_args.max_train_samples)
+    """Write the converted dataset to ``--export_dataset_dir``/train.jsonl (for plain ``trl grpo``)."""
+    source = math_dataset_source(script_args)
+    if source is None:
+        raise ValueError(
+            f"`--export_dataset_dir` needs `--dataset_path PATH` or `--dataset_name` {'|'.join(sorted(MATH_DATASETS))}."
+        )
+    dataset = load_math_dataset(
+        source,
+        script_args.instruction,
+        script_args.max_train_samples,
+        _requested_split(script_args, "dataset_train_split"),
+    )
     os.makedirs(script_args.export_dataset_dir, exist_ok=True)
     target = os.path.join(script_args.export_dataset_dir, "train.jsonl")
     dataset.to_json(target, lines=True)
