@@ -37,3 +37,11 @@ def data_dir() -> Path:
     if not DATA.exists():
         pytest.skip(f"shared data not found at {DATA} (set METASTONE_SHARED)")
     return DATA
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands under test may set torch's thread count (`--threads`); later tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

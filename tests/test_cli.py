@@ -133,14 +133,46 @@ def test_eval_refuses_samples_that_do_not_split_into_groups(checkpoint, two_ques
     assert "not a multiple of N = [32]" in capsys.readouterr().err
 
 
-def test_clear_errors(checkpoint, tmp_path, capsys):
+def test_clear_errors(checkpoint, two_questions, tmp_path, monkeypatch, capsys):
     assert cli.main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "not found" in capsys.readouterr().err
+
+    def unreachable(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub")
+
+    monkeypatch.setattr("datasets.load_dataset", unreachable)
     assert cli.main(["eval", "--model", checkpoint, "--data", "gsm8k"]) == 2
-    assert "--data-dir" in capsys.readouterr().err
-    assert cli.main(["eval", "--model", checkpoint, "--data", "x.jsonl", "--efforts", "extreme"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: could not download openai/gsm8k from the Hub (offline?); pass a local file with --data PATH or "
+        "--data-dir"
+    )
+    assert cli.main(["eval", "--model", checkpoint, "--data", "gsm9k"]) == 2
+    assert "Unknown dataset 'gsm9k'" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", checkpoint, "--data", two_questions, "--efforts", "extreme"]) == 2
+    assert "unknown effort(s) ['extreme']" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_eval_downloads_a_named_dataset(checkpoint, data_dir, tmp_path, monkeypatch, capsys):
+    """`--data math500` without --data-dir goes through `datasets.load_dataset` (a stand-in serving the local rows)."""
+    import datasets
+
+    calls = []
+    rows = [json.loads(line) for line in (data_dir / "math500_test.jsonl").read_text().splitlines()[:3]]
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    out = tmp_path / "eval"
+    code = cli.main(["eval", "--model", checkpoint, "--data", "math500", "--limit", "2", "--efforts", "low",
+                     "--max-new-tokens", "3", "--output-dir", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert calls == [("HuggingFaceH4/MATH-500", None, "test")]
+    assert "| bon_sprm |" in capsys.readouterr().out
+    assert json.loads((out / "eval_report.json").read_text())["summary"]["questions"] == 2
 
 
 def test_push_renders_card_with_metrics(checkpoint, tmp_path, monkeypatch, capsys):

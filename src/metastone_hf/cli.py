@@ -224,9 +224,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         save_report,
         summarize,
     )
+    from .math_datasets import DatasetDownloadError
 
+    # The data first: a missing file or an unreachable Hub should not cost a model load.
+    try:
+        examples = load_eval_examples(args.data, args.data_dir, limit=args.limit, split=args.split)
+    except DatasetDownloadError as error:
+        raise CLIError(str(error)) from error
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
-    examples = load_eval_examples(args.data, args.data_dir, limit=args.limit)
     presets = model.config.reasoning_effort_presets
     efforts = args.efforts or list(presets)
     unknown = [e for e in efforts if e not in presets]
@@ -253,6 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress_bar=not args.no_progress,
     )
     summary = summarize(records, budgets)
+    summary["dataset"] = str(args.data)  # `metastone push` names the benchmark in the model card from it
     out_dir = Path(args.output_dir)
     report = save_report(summary, records, out_dir / "eval_report.json")
     plot = plot_accuracy_vs_n(
@@ -289,25 +295,60 @@ def _samples_per_question(requested: int | None, budgets: dict[str, int]) -> int
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_checkpoint
+    """Push a checkpoint with a freshly rendered model card.
 
-    model, tokenizer = _load_model_and_tokenizer(args.model)
+    Each ``--metrics`` report becomes a results table and ``model-index`` metadata for its dataset (``--dataset``,
+    one per report, or the report's own ``dataset`` field). A single report that names no dataset still fills a
+    plain table, without ``model-index``. ``base_model`` is ``--base-model``, else the one in the checkpoint's card.
+    """
+    from .hub import card_base_model, eval_results_from_report, push_checkpoint, report_metrics, report_summary
+
+    reports = args.metrics or []
+    datasets = args.dataset or []
+    if datasets and len(datasets) != len(reports):
+        raise CLIError(
+            f"--dataset names {len(datasets)} dataset(s) for {len(reports)} --metrics report(s): "
+            "give one per report, in the same order."
+        )
+    eval_results: list[Any] = []
     metrics = None
-    if args.metrics:
-        summary = json.loads(Path(args.metrics).read_text())
-        summary = summary.get("summary", summary)
-        metrics = {name: round(entry["mean"], 4) for name, entry in summary.get("metrics", {}).items()}
-        if "sprm_auc" in summary:
-            metrics["SPRM AUC"] = round(summary["sprm_auc"], 4)
-    info = push_checkpoint(model, args.repo_id, tokenizer, private=args.private, token=args.token, metrics=metrics)
+    for index, path in enumerate(reports):
+        summary = report_summary(path)
+        dataset = datasets[index] if datasets else summary.get("dataset")
+        if dataset:
+            eval_results += eval_results_from_report(summary, dataset)
+        elif len(reports) == 1:
+            metrics = report_metrics(summary)
+            print(
+                f"note: {path} does not say which dataset it measured, so its numbers go into a plain table "
+                "only; pass --dataset (e.g. math500) to publish them as model-index results as well."
+            )
+        else:
+            raise CLIError(f"{path} does not say which dataset it measured: pass --dataset, one per report.")
+    model, tokenizer = _load_model_and_tokenizer(args.model)
+    base_model = args.base_model or card_base_model(args.model)
+    info = push_checkpoint(
+        model,
+        args.repo_id,
+        tokenizer,
+        private=args.private,
+        token=args.token,
+        base_model=base_model,
+        metrics=metrics,
+        eval_results=eval_results or None,
+    )
     print(f"Pushed to {args.repo_id}: {info}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .math_datasets import DatasetDownloadError
     from .training.script import run_training_cli
 
-    return run_training_cli(extra)
+    try:
+        return run_training_cli(extra)
+    except DatasetDownloadError as error:
+        raise CLIError(str(error)) from error
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -356,8 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="Best-of-N evaluation on a dataset: pass@1, maj@N, BoN-SPRM@N, plot")
     _add_model_arguments(ev)
-    ev.add_argument("--data", required=True, help="aime24 | gsm8k | math500 (with --data-dir) or a .jsonl file")
-    ev.add_argument("--data-dir", default=None, help="folder holding the named datasets' jsonl files")
+    ev.add_argument(
+        "--data",
+        required=True,
+        help="aime24 | gsm8k | math500 (downloaded from the Hugging Face Hub, or read from --data-dir), or a local "
+        ".jsonl / .json / .parquet file or dataset folder (fields: prompt|problem|question, answer)",
+    )
+    ev.add_argument(
+        "--data-dir",
+        default=None,
+        help="read a named dataset from this folder instead of the Hub: it holds aime24.jsonl, gsm8k_test.jsonl, "
+        "math500_test.jsonl (or <name>.jsonl)",
+    )
+    ev.add_argument(
+        "--split", default=None, help="dataset split (default: the benchmark's; for a local DatasetDict folder)"
+    )
     ev.add_argument("--efforts", nargs="+", default=None, help="efforts to report (default: all presets)")
     ev.add_argument("--limit", type=int, default=None, help="first N questions only")
     ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
@@ -377,7 +431,26 @@ def build_parser() -> argparse.ArgumentParser:
     push = sub.add_parser("push", help="push a checkpoint (with a rendered model card) to the Hugging Face Hub")
     push.add_argument("--model", required=True, help="checkpoint folder")
     push.add_argument("--repo-id", required=True, help="e.g. your-name/metastone-s1-7b")
-    push.add_argument("--metrics", default=None, help="eval_report.json whose metrics go into the model card")
+    push.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        metavar="EVAL_REPORT",
+        help="eval_report.json file(s) of `metastone eval`: results table and model-index metadata of the card",
+    )
+    push.add_argument(
+        "--dataset",
+        nargs="+",
+        default=None,
+        help="what each --metrics report measured, in the same order: aime24, gsm8k, math500 (their Hub datasets), "
+        "or any name (default: the report's own `dataset` field)",
+    )
+    push.add_argument(
+        "--base-model",
+        default=None,
+        help="Hub id of the model this one was trained or converted from, e.g. MetaStoneTec/MetaStone-S1-7B "
+        "(default: the base_model in the checkpoint's own model card, if any)",
+    )
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     push.set_defaults(func=cmd_push)

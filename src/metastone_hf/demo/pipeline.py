@@ -233,7 +233,13 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
     from transformers.utils import logging as hf_logging
 
     from ..evaluation import format_table, plot_accuracy_vs_n, save_report
-    from ..hub import atomic_output_dir, save_checkpoint
+    from ..hub import EvalDataset, atomic_output_dir, eval_results_from_report, save_checkpoint
+
+    DEMO_EVAL_DATASET = EvalDataset(
+        name="Stale-fact pointer chase (synthetic, metastone demo)",
+        type="metastone-demo-stale-fact-pointer-chase",
+        split="test",
+    )
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -276,14 +282,12 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
     )
     report_text = "\n".join(lines)
 
-    metrics = {name: round(entry["mean"], 4) for name, entry in summary["metrics"].items()}
-    metrics["SPRM AUC"] = round(summary["sprm_auc"], 4)
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         save_checkpoint(
             model,
             staging / "checkpoint",
             tokenizer,
-            metrics=metrics,
+            eval_results=eval_results_from_report(summary, DEMO_EVAL_DATASET),
             notes="Trained by `metastone demo` on the synthetic stale-fact pointer-chase task "
             "(metastone_hf.demo.task) from scratch on a CPU: a demonstration of the mechanism, not a useful model.",
         )
