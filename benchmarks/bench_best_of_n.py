@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from metastone_hf import generation_metastone
+from metastone_hf import generation_metastone, scoring_metastone
 from metastone_hf.tiny import tiny_metastone
 
 STEP, THINK = 5, 6
@@ -91,14 +91,14 @@ def official(model, ids, args):
 
 
 def scorer_share(model, args) -> tuple[float, float]:
-    """(seconds inside the online scorer's hook and per-token criterion, total seconds) for one short (b) run.
+    """(seconds in the step bookkeeping, total seconds) for one short (b) run.
 
-    The SPRM head itself runs inside ``forward`` in every variant (``forward`` returns ``sprm_logits`` by
-    default, plain ``generate`` included), so this is all the extra work online scoring adds per decoding step.
+    The SPRM head itself runs inside the sampling forward; the bookkeeping is what online scoring adds per decoded
+    token: the incremental step rule and the per-row stop/step checks (``StepSearch._settle``).
     """
-    scorer_class = generation_metastone._OnlineSPRMScorer
     spent = [0.0]
-    originals = {name: getattr(scorer_class, name) for name in ("__call__", "hook")}
+    patched = [(generation_metastone.StepSearch, "_settle"), (scoring_metastone.IncrementalStepRule, "update")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name in patched]
 
     def timing(original):
         def wrapper(*a, **k):
@@ -110,14 +110,14 @@ def scorer_share(model, args) -> tuple[float, float]:
 
         return wrapper
 
-    for name, original in originals.items():
-        setattr(scorer_class, name, timing(original))
+    for owner, name, original in originals:
+        setattr(owner, name, timing(original))
     try:
         ids = torch.tensor([[1, THINK, *range(8, 8 + args.short_prompt - 2)]])
         total, _ = timed(ours, model, ids, args)
     finally:
-        for name, original in originals.items():
-            setattr(scorer_class, name, original)
+        for owner, name, original in originals:
+            setattr(owner, name, original)
     return spent[0], total
 
 
@@ -210,7 +210,7 @@ def main() -> None:
     print(rule)
     print(f"online scores vs official re-scoring (short case): max |diff| = {short['score_diff']:.2e}")
     print(
-        f"online-scoring bookkeeping (hook + per-token criterion), short case: {bookkeeping * 1e3:.1f} ms of "
+        f"online-scoring bookkeeping (step rule + per-row checks), short case: {bookkeeping * 1e3:.1f} ms of "
         f"{total:.3f} s = {100 * bookkeeping / total:.2f}% (b/a also includes the prefill-once saving)"
     )
     print(f"prefill-once speed-up at P={args.long_prompt}: a/b = {long['a'] / long['b']:.2f}x (same samples)")

@@ -87,7 +87,7 @@ def test_plain_generate_is_transformers_generate_positional_and_keyword(model):
     torch.manual_seed(4)
     stock = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True)
     assert type(ours) is type(stock) and torch.equal(ours.sequences, stock.sequences)
-    with pytest.raises(ValueError, match="only apply to Best-of-N"):
+    with pytest.raises(ValueError, match="only apply to search generation"):
         model.generate(ids, selection="majority")
 
 
@@ -108,9 +108,13 @@ def test_prefill_once_same_samples_as_num_return_sequences(model):
         handle.remove()
     assert isinstance(out, BestOfNOutput)
     assert torch.equal(out.candidates.flatten(0, 1), expected)
-    # the prompt went through the model once, at batch size B; the expanded batch only saw one new token per step
-    assert shapes[0] == (2, ids.shape[1] - 1)
-    assert all(s[1] == 1 for s in shapes[1:]) and all(s[0] == 8 for s in shapes[1:])
+    # The prompt went through the model once at batch size B (its last token too); then one new token per candidate
+    # and step, in a batch that shrinks as candidates stop (EOS).
+    assert shapes[0] == (2, ids.shape[1] - 1) and shapes[1] == (2, 1)
+    batch_sizes = [s[0] for s in shapes[2:]]
+    assert all(s[1] == 1 for s in shapes[1:]) and batch_sizes[0] == 8
+    assert batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 8
+    assert out.tokens_processed == sum(s[0] * s[1] for s in shapes)
     assert torch.equal(out.sequences, out.candidates[torch.arange(2), out.chosen_index])
 
 

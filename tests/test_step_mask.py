@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from conftest import END_THINK, STEP, THINK
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from reference import reference_score_positions, reference_trajectory_score
 
 from metastone_hf import sprm_score_mask, sprm_step_token_mask, sprm_trajectory_log_scores
+from metastone_hf.scoring_metastone import IncrementalStepRule
 
 
 def score_positions(ids, step_ids=(STEP,), think_start=THINK, think_end=END_THINK, attention_mask=None):
@@ -172,3 +174,64 @@ def test_processbench_traces_in_paper_mode_mark_every_token_containing_the_step_
         assert got == expected
         beyond_official += sum(ids[t + 1] != 382 for t in got)
     assert beyond_official > 0  # the traces contain steps such as ').\n\n' that the official mode misses
+
+
+# ---------------------------------------------------------------- the incremental form used while decoding
+HAND_BUILT = [  # every sequence of the hand-built cases above, with its step ids and think ids
+    ([1, THINK, 9, STEP, 9, 8, STEP], (STEP,), THINK, END_THINK),
+    ([1, THINK, 9, STEP, STEP, STEP, 9, STEP, STEP], (STEP,), THINK, END_THINK),
+    ([1, THINK, STEP, 9, STEP], (STEP,), THINK, END_THINK),
+    ([1, THINK, STEP, STEP, 9, STEP], (STEP,), THINK, END_THINK),
+    ([9, STEP, 1, THINK, 9, STEP, 9, END_THINK, 9, STEP, END_THINK, 9, STEP], (STEP,), THINK, END_THINK),
+    ([THINK, 9, STEP, THINK, 9, STEP], (STEP,), THINK, END_THINK),
+    ([1, THINK, 9, STEP, 9, STEP], (STEP,), THINK, END_THINK),
+    ([9, STEP, 9, STEP], (STEP,), THINK, END_THINK),
+    ([9, STEP, 9, STEP], (STEP,), None, None),
+    ([THINK, 9, STEP, 8, 9, 8, STEP], (STEP, 8), THINK, END_THINK),
+    ([STEP, THINK, 9, STEP], (STEP,), THINK, END_THINK),
+    ([STEP, STEP, 9, 9, STEP], (STEP,), THINK, END_THINK),
+]
+
+
+def assert_incremental_equals_batch_mask(row, step_ids, think_start, think_end, prompt_length=1):
+    """Feed ``row`` token by token after a prompt of ``prompt_length`` tokens; compare with the batch mask."""
+    ids = torch.tensor([row])
+    rule = IncrementalStepRule(
+        list(step_ids), think_start, think_end, ids[:, :prompt_length], torch.ones(1, prompt_length)
+    )
+    for t in range(prompt_length, len(row)):
+        candidate, counts = rule.update(ids[:, t])
+        prefix = ids[:, : t + 1]
+        # `counts` is the step mask of the sequence so far, at its last token ...
+        assert counts.tolist() == sprm_step_token_mask(prefix, list(step_ids), think_start, think_end)[:, -1].tolist()
+        # ... and `candidate` is the same without the `</think>` span rule, which later tokens may still change.
+        assert candidate.tolist() == sprm_step_token_mask(prefix, list(step_ids), think_start, None)[:, -1].tolist()
+
+
+@pytest.mark.parametrize(("row", "step_ids", "think_start", "think_end"), HAND_BUILT)
+def test_incremental_rule_equals_the_mask_on_every_hand_built_case(row, step_ids, think_start, think_end):
+    for prompt_length in range(1, len(row)):
+        assert_incremental_equals_batch_mask(row, step_ids, think_start, think_end, prompt_length)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    row=st.lists(token, min_size=2, max_size=24),
+    step_ids=st.sampled_from([(STEP,), (STEP, 8)]),
+    think=st.sampled_from([(THINK, END_THINK), (None, None), (THINK, None), (None, END_THINK)]),
+    prompt_fraction=st.floats(0, 1),
+)
+def test_incremental_rule_equals_the_mask_on_random_rows(row, step_ids, think, prompt_fraction):
+    prompt_length = max(1, min(len(row) - 1, int(prompt_fraction * len(row))))
+    assert_incremental_equals_batch_mask(row, step_ids, think[0], think[1], prompt_length)
+
+
+def test_incremental_rule_with_left_padded_prompts_and_selected_rows():
+    pad = 0
+    prompts = torch.tensor([[pad, pad, THINK, 9], [1, THINK, 9, STEP]])
+    attention = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    rule = IncrementalStepRule([STEP], THINK, END_THINK, prompts, attention)
+    rule.select(torch.tensor([1, 0, 0]))  # rows repeat and reorder as a search expands them
+    candidate, counts = rule.update(torch.tensor([STEP, STEP, 9]))
+    assert candidate.tolist() == [False, True, False]  # row 0 continues a run of step tokens
+    assert counts.tolist() == [False, True, False]

@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_metastone import MetaStoneConfig
-from .generation_metastone import BestOfNOutput, best_of_n_generate, extract_boxed_answer
+from .generation_metastone import BestOfNOutput, SearchOutput, best_of_n_generate, extract_boxed_answer, search_generate
 from .modeling_metastone import (
     MetaStoneCausalLMOutputWithPast,
     MetaStoneForCausalLMWithSPRM,
@@ -27,8 +27,10 @@ __all__ = [
     "MetaStoneForCausalLMWithSPRM",
     "MetaStoneSPRMHead",
     "SPRMScores",
+    "SearchOutput",
     "best_of_n_generate",
     "extract_boxed_answer",
+    "search_generate",
     "sprm_score_mask",
     "sprm_step_token_mask",
     "sprm_trajectory_log_scores",

@@ -11,147 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_metastone import MetaStoneConfig
+from .generation_metastone import search_generate
+from .scoring_metastone import (
+    SPRMScores,
+    build_sprm_scores,
+    check_token_batch,
+    eval_mode,
+    sprm_score_mask,
+    sprm_step_token_mask,
+    sprm_trajectory_log_scores,
+)
 
 logger = logging.get_logger(__name__)
-
-# --------------------------------------------------------------------------------------------------
-# The step mask: one function, used by scoring, generation and training.
-# --------------------------------------------------------------------------------------------------
-
-
-def sprm_step_token_mask(
-    input_ids: torch.Tensor,
-    step_token_ids: Sequence[int] | torch.Tensor,
-    think_start_token_id: int | None,
-    think_end_token_id: int | None,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mark the step tokens that end a scored reasoning step (the official MetaStone-S1 semantics).
-
-    A position ``t`` is marked when ``input_ids[t]``:
-
-    1. is one of ``step_token_ids``;
-    2. is the first of a run of consecutive step tokens;
-    3. does not come right after ``<think>``;
-    4. lies after the first ``<think>`` and before the last ``</think>`` (no ``</think>``: up to the end).
-
-    Rows without a ``<think>`` token, and every row when ``think_start_token_id`` is ``None``, are scored
-    from their first token (the documented fallback for tokenizers without a thinking span). Padding
-    (``attention_mask == 0``) is never a step and never breaks or joins a run; a step token that is the first
-    real token of its row is dropped, since no position precedes it to read its score from.
-
-    Args:
-        input_ids: ``[B, T]`` token ids (left or right padded).
-        step_token_ids: ids that end a step (``[382]`` for Qwen2 tokenizers).
-        think_start_token_id / think_end_token_id: ids of ``<think>`` / ``</think>``, or ``None``.
-        attention_mask: ``[B, T]``, 1 for real tokens.
-
-    Returns:
-        ``[B, T]`` bool mask of step-token positions. The *score* of a step is read one position
-        earlier; see [`sprm_score_mask`].
-    """
-    if input_ids.ndim != 2:
-        raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
-    step_ids = torch.as_tensor(step_token_ids, device=input_ids.device, dtype=input_ids.dtype).reshape(-1)
-    is_step = torch.isin(input_ids, step_ids) & valid
-    previous_is_step = F.pad(is_step[:, :-1], (1, 0), value=False)
-    previous_is_real = F.pad(valid[:, :-1], (1, 0), value=False)
-    # A step token that is the first real token has no position before it to read a score from.
-    keep = is_step & ~previous_is_step & previous_is_real
-
-    if think_start_token_id is not None:
-        is_start = (input_ids == think_start_token_id) & valid
-        previous_is_start = F.pad(is_start[:, :-1], (1, 0), value=False)
-        keep &= ~previous_is_start
-        after_first_start = is_start.cumsum(dim=1) > 0
-        row_has_start = is_start.any(dim=1, keepdim=True)
-        keep &= after_first_start | ~row_has_start
-    if think_end_token_id is not None:
-        is_end = (input_ids == think_end_token_id) & valid
-        ends_at_or_after = is_end.flip(1).cumsum(dim=1).flip(1) > 0
-        row_has_end = is_end.any(dim=1, keepdim=True)
-        keep &= ends_at_or_after | ~row_has_end
-    return keep
-
-
-def check_token_batch(
-    input_ids: Any, attention_mask: Any | None, vocab_size: int, name: str = "input_ids"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate token ids and their mask before any work; returns ``[B, T]`` ids and mask (all ones by default).
-
-    Raises ``ValueError``/``TypeError`` naming the argument and the fix instead of an error from inside torch (an
-    out-of-vocabulary id would otherwise surface as an ``IndexError`` in the embedding lookup).
-    """
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(
-            f"`{name}` must be a torch tensor of token ids, got {type(input_ids).__name__}; use "
-            "`tokenizer(texts, return_tensors='pt', padding=True)`."
-        )
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise TypeError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}; use `.long()`.")
-    if input_ids.ndim == 1:
-        input_ids = input_ids.unsqueeze(0)
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 1:
-            attention_mask = attention_mask.unsqueeze(0)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"`{name}` must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}.")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-        bad = int(input_ids.max()) if int(input_ids.max()) >= vocab_size else int(input_ids.min())
-        raise ValueError(
-            f"`{name}` holds token id {bad}, outside the model's vocabulary (vocab_size={vocab_size}): the ids come "
-            "from another tokenizer, or padding uses an invalid id. Tokenize with the checkpoint's own tokenizer."
-        )
-    if attention_mask is None:
-        return input_ids, torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"`attention_mask` must be a torch tensor, got {type(attention_mask).__name__}.")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `{name}` shape "
-            f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with these ids."
-        )
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("`attention_mask` must hold 0 (padding) and 1 (real token) only.")
-    if not bool(attention_mask.bool().any(dim=-1).all()):
-        raise ValueError("A row of `attention_mask` is all padding: every row needs at least one real token.")
-    return input_ids, attention_mask
-
-
-def sprm_score_mask(step_token_mask: torch.Tensor) -> torch.Tensor:
-    """Positions whose SPRM logit scores a step: the position just before each kept step token."""
-    return F.pad(step_token_mask[:, 1:], (0, 1), value=False)
-
-
-def sprm_trajectory_log_scores(step_logits: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
-    """Log of the geometric mean of the step scores, ``mean(logsigmoid(z))`` over the masked positions.
-
-    Computed in float32 log space, so thousands of steps in bf16 never underflow. A trajectory with no
-    step gets ``-inf`` (score 0): it ranks below every trajectory that has steps.
-    """
-    log_probs = F.logsigmoid(step_logits.float()).masked_fill(~score_mask, 0.0)
-    counts = score_mask.sum(dim=-1)
-    mean = log_probs.sum(dim=-1) / counts.clamp(min=1)
-    return mean.masked_fill(counts == 0, float("-inf"))
-
-
-# --------------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -169,28 +53,6 @@ class MetaStoneCausalLMOutputWithPast(CausalLMOutputWithPast):
 
     sprm_logits: torch.FloatTensor | None = None
     sprm_score_mask: torch.BoolTensor | None = None
-
-
-@dataclass
-class SPRMScores(ModelOutput):
-    """Result of [`MetaStoneForCausalLMWithSPRM.score_trajectories`].
-
-    Args:
-        scores: ``[B]`` trajectory scores, the geometric mean of the step scores (0 for no step).
-        log_scores: ``[B]`` their logs (``-inf`` for no step).
-        step_scores: per trajectory, a 1-D tensor of ``sigmoid`` step scores in order.
-        step_logits: per trajectory, the raw step logits.
-        step_positions: per trajectory, the positions whose hidden state scored each step (one before the
-            step token).
-        num_steps: ``[B]`` number of steps.
-    """
-
-    scores: torch.Tensor | None = None
-    log_scores: torch.Tensor | None = None
-    step_scores: list[torch.Tensor] | None = None
-    step_logits: list[torch.Tensor] | None = None
-    step_positions: list[torch.Tensor] | None = None
-    num_steps: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,7 +298,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         attention_mask = attention_mask.to(self.device)
         chunk = batch_size or input_ids.shape[0]
         logits_chunks = []
-        with _eval_mode(self):
+        with eval_mode(self):
             for start in range(0, input_ids.shape[0], chunk):
                 ids = input_ids[start : start + chunk]
                 mask = attention_mask[start : start + chunk]
@@ -451,55 +313,71 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
     def generate(
         self,
         *args: Any,
+        search: str | None = None,
         reasoning_effort: str | None = None,
         num_candidates: int | None = None,
+        beam_width: int | None = None,
+        ranking: str | None = None,
         selection: str | Any | None = None,
         answer_extractor: Any | None = None,
         prune_threshold: float | None = None,
         prune_top_k: int | None = None,
         prune_min_steps: int | None = None,
+        remove_stopped_rows: bool | None = None,
         progress_bar: bool | None = None,
         seed: int | None = None,
         **kwargs: Any,
     ) -> Any:
-        r"""transformers' ``generate``, plus Best-of-N with online SPRM scoring.
+        r"""transformers' ``generate``, plus test-time search guided by the SPRM head (Best-of-N, beam, DVTS).
 
-        Without ``reasoning_effort`` and ``num_candidates`` this is exactly ``GenerationMixin.generate(*args,
-        **kwargs)`` (TRL rollouts rely on it). With either, it samples N candidates per prompt (prompt prefilled
-        once), scores each step online with the SPRM head and returns a ``BestOfNOutput``; every argument is
-        documented in ``generation_metastone.best_of_n_generate``.
+        Without ``search``, ``reasoning_effort`` and ``num_candidates`` this is exactly
+        ``GenerationMixin.generate(*args, **kwargs)`` (TRL rollouts rely on it). With any of them it returns N
+        candidates per prompt, each step scored online by the head in the forward that wrote it, and the chosen one
+        (a ``SearchOutput``); every argument is documented in ``generation_metastone.search_generate``.
 
         Args:
+            search: ``"best_of_n"`` (default), ``"beam"`` (beam search over steps) or ``"dvts"``.
             reasoning_effort: ``"low"`` / ``"medium"`` / ``"high"`` -> N from ``config.reasoning_effort_presets``.
             num_candidates: N candidates per prompt (>= 1).
+            beam_width: M for beam search (M beams survive each step) and DVTS (N/M subtrees expanded M ways).
+            ranking: ``"mean"`` (running geometric mean, default) or ``"last"`` (last step's score) between beams.
             selection: ``"sprm"`` (default), ``"sprm_vote"``, ``"majority"`` or a callable.
             answer_extractor: decoded completion -> answer (voting); default: last ``\boxed{}`` via math-verify.
-            prune_threshold / prune_top_k / prune_min_steps: opt-in SPRM-guided early pruning.
-            progress_bar: tqdm bar over decoding steps (default on).
+            prune_threshold / prune_top_k / prune_min_steps: opt-in SPRM-guided early stopping (Best-of-N).
+            remove_stopped_rows: stopped rows leave the batch and the cache (default True).
+            progress_bar: tqdm bar over sampled tokens (default on).
             seed: seed this call's sampling (the caller's RNG state is restored).
         """
         options = {
+            "beam_width": beam_width,
+            "ranking": ranking,
             "selection": selection,
             "answer_extractor": answer_extractor,
             "prune_threshold": prune_threshold,
             "prune_top_k": prune_top_k,
             "prune_min_steps": prune_min_steps,
+            "remove_stopped_rows": remove_stopped_rows,
             "progress_bar": progress_bar,
             "seed": seed,
         }
         options = {name: value for name, value in options.items() if value is not None}
-        if reasoning_effort is None and num_candidates is None:
+        if search is None and reasoning_effort is None and num_candidates is None:
             if options:
                 raise ValueError(
-                    f"{sorted(options)} only apply to Best-of-N generation: also pass `num_candidates=N` or "
-                    "`reasoning_effort=` ('low', 'medium', 'high')."
+                    f"{sorted(options)} only apply to search generation: also pass `num_candidates=N` or "
+                    "`reasoning_effort=` ('low', 'medium', 'high'), and `search=` for a step-level search."
                 )
             return super().generate(*args, **kwargs)
-        # Imported here: the generation file imports this one (and is copied beside it into checkpoints).
-        from .generation_metastone import best_of_n_generate
-
-        return best_of_n_generate(
-            self, *args, reasoning_effort=reasoning_effort, num_candidates=num_candidates, **options, **kwargs
+        if reasoning_effort is None and num_candidates is None:
+            reasoning_effort = "medium"
+        return search_generate(
+            self,
+            *args,
+            search=search or "best_of_n",
+            reasoning_effort=reasoning_effort,
+            num_candidates=num_candidates,
+            **options,
+            **kwargs,
         )
 
     # ------------------------------------------------------------------ construction
@@ -608,41 +486,6 @@ def _no_cached_prefix(cache: Any, input_ids: torch.Tensor) -> bool:
 
 
 _LOAD_KWARGS = ("dtype", "device_map", "attn_implementation", "trust_remote_code", "revision", "token", "cache_dir")
-
-
-def build_sprm_scores(step_logits: torch.Tensor, score_mask: torch.Tensor) -> SPRMScores:
-    """Assemble [`SPRMScores`] from per-position logits ``[B, T]`` and the score mask ``[B, T]``.
-
-    Rows with a non-finite step logit (NaN/inf features) get a NaN score, which every selection ranks last;
-    a warning names them.
-    """
-    broken_rows = (~torch.isfinite(step_logits) & score_mask).any(dim=-1).nonzero().flatten().tolist()
-    if broken_rows:
-        logger.warning(
-            "Non-finite SPRM logits (NaN/inf features) in trajectories %s: their score is NaN and Best-of-N ranks "
-            "them last. Check the model weights and the dtype (fp16 overflow).",
-            broken_rows,
-        )
-    log_scores = sprm_trajectory_log_scores(step_logits, score_mask)
-    per_row_logits = [row[mask] for row, mask in zip(step_logits.float(), score_mask)]
-    return SPRMScores(
-        scores=log_scores.exp(),
-        log_scores=log_scores,
-        step_scores=[torch.sigmoid(z) for z in per_row_logits],
-        step_logits=per_row_logits,
-        step_positions=[mask.nonzero().flatten() for mask in score_mask],
-        num_steps=score_mask.sum(dim=-1),
-    )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 MetaStoneConfig.register_for_auto_class()

@@ -1,0 +1,226 @@
+"""Step-level search with the built-in SPRM: beam search and DVTS over steps, row removal, the search tree.
+
+Best-of-N itself is covered in ``test_generation_metastone.py``; the helpers come from there.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from conftest import STEP
+from test_generation_metastone import (
+    EOS,
+    PAD,
+    PROMPTS,
+    STEPPY,
+    DigitTokenizer,
+    assert_online_equals_offline,
+    select_majority,
+)
+from test_remote_code import CLEAN_LOADER, run_without_package
+
+from metastone_hf import SearchOutput
+from metastone_hf.tiny import tiny_metastone
+
+# Steps and EOS both frequent: several rounds, and trajectories finishing at different depths.
+SEARCHY = {"sequence_bias": {(STEP,): 1.5, (EOS,): 1.0}, "eos_token_id": EOS, "pad_token_id": PAD}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_metastone(seed=31)
+
+
+def run(model, search, **options):
+    ids, mask = PROMPTS
+    settings = {"num_candidates": 8, "beam_width": 2, "seed": 1, "max_new_tokens": 30, "progress_bar": False}
+    settings.update(options)
+    return model.generate(ids, attention_mask=mask, search=search, **{**SEARCHY, **settings})
+
+
+def children(tree, node_id):
+    return [n for n in tree if n.parent == node_id]
+
+
+# ----------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("search", ["beam", "dvts"])
+@pytest.mark.parametrize("ranking", ["mean", "last"])
+def test_online_step_scores_equal_score_trajectories(model, search, ranking):
+    for seed in (1, 2, 3):
+        out = run(model, search, ranking=ranking, seed=seed)
+        assert isinstance(out, SearchOutput) and out.search == search
+        assert out.candidates.shape[:2] == (2, 8)
+        assert max(len(set(n.round for n in tree)) for tree in out.search_tree) > 2  # several rounds really ran
+        assert_online_equals_offline(model, out)
+
+
+@pytest.mark.parametrize("search", ["beam", "dvts"])
+def test_a_search_whose_first_expansion_reaches_eos_is_best_of_n(model, search):
+    # No step token can be sampled: every child of the first expansion runs to EOS or the limit, like Best-of-N's.
+    settings = {"suppress_tokens": [STEP], "sequence_bias": {(EOS,): 1.5}, "max_new_tokens": 20}
+    best_of_n = run(model, "best_of_n", beam_width=None, **settings)
+    searched = run(model, search, **settings)
+    assert torch.equal(searched.candidates, best_of_n.candidates)
+    assert torch.equal(searched.scores, best_of_n.scores) and torch.equal(searched.chosen_index, best_of_n.chosen_index)
+    assert all(max(n.round for n in tree) == 1 for tree in searched.search_tree)
+
+
+def test_token_accounting_nothing_is_processed_twice(model):
+    ids, _ = PROMPTS
+    for search in ("beam", "dvts", "best_of_n"):
+        fed: list[torch.Size] = []
+        handle = model.model.embed_tokens.register_forward_hook(
+            lambda _m, inputs, _o, fed=fed: fed.append(inputs[0].shape)
+        )
+        try:
+            out = run(model, search, beam_width=None if search == "best_of_n" else 2)
+        finally:
+            handle.remove()
+        batch, width = ids.shape
+        assert fed[0] == (batch, width - 1)  # the prompts, once
+        assert all(shape[1] == 1 for shape in fed[1:])  # afterwards one new token per row and forward
+        processed = sum(shape[0] * shape[1] for shape in fed)
+        assert processed == out.tokens_processed
+        nodes = [n for tree in out.search_tree for n in tree if n.parent is not None]
+        leaves = [n for tree in out.search_tree for n in tree if n.parent is not None and not children(tree, n.id)]
+        # Every sampled token is in exactly one segment of the tree ...
+        assert out.tokens_generated == sum(n.end - n.start for n in nodes)
+        # ... and is fed exactly once, except the last token of each branch that ended (never needed).
+        assert processed == batch * (width - 1) + batch + out.tokens_generated - len(leaves)
+
+
+# ----------------------------------------------------------------------------------- the strategies' semantics
+
+
+def test_beam_search_keeps_the_best_beams_of_each_round(model):
+    out = run(model, "beam", ranking="last", num_candidates=8, beam_width=2)
+    for tree in out.search_tree:
+        rounds = sorted({n.round for n in tree if n.round > 0})
+        for r in rounds[:-1]:
+            stopped_at_step = [n for n in tree if n.round == r and n.status in ("expanded", "dropped")]
+            kept = [n for n in stopped_at_step if n.status == "expanded"]
+            assert 1 <= len(kept) <= 2  # M = 2 beams survive
+            dropped = [n for n in stopped_at_step if n.status == "dropped"]
+            if dropped:
+                assert min(n.step_score for n in kept) >= max(n.step_score for n in dropped)
+            # every survivor expands; together they have N children
+            assert sum(len(children(tree, n.id)) for n in kept) == 8
+    # the returned candidates are the completed leaves, in the order they finished (round by round)
+    for row, tree in zip(out.candidate_nodes.tolist(), out.search_tree):
+        assert {tree[i].status for i in row} == {"completed"}
+        assert sorted(row) == sorted(n.id for n in tree if n.status == "completed")
+        assert [tree[i].round for i in row] == sorted(tree[i].round for i in row)
+
+
+def test_dvts_subtrees_are_independent_and_greedy(model):
+    out = run(model, "dvts", num_candidates=8, beam_width=4)  # 2 subtrees, each expanded 4 ways
+    for tree in out.search_tree:
+        for node in tree:
+            if node.parent is not None and tree[node.parent].parent is not None:
+                assert node.group == tree[node.parent].group  # children stay in their subtree
+        for r in sorted({n.round for n in tree if n.round > 0}):
+            for group in (0, 1):
+                kept = [n for n in tree if n.round == r and n.group == group and n.status == "expanded"]
+                assert len(kept) <= 1  # greedy: one beam per subtree continues
+                for node in kept:
+                    assert len(children(tree, node.id)) == 4
+    first_round = [n for n in out.search_tree[0] if n.round == 1]
+    assert sorted(n.group for n in first_round) == [0] * 4 + [1] * 4
+
+
+def test_voting_works_on_searched_candidates(model):
+    out = run(model, "beam", selection="majority", tokenizer=DigitTokenizer())
+    for b in range(2):
+        assert out.chosen_index[b].item() == select_majority(out.scores[b], out.answers[b])
+
+
+def test_search_errors_are_clear(model):
+    ids = torch.tensor([[1, 6, 9]])
+    with pytest.raises(ValueError, match="Unknown `search`"):
+        model.generate(ids, search="mcts", num_candidates=4)
+    for bad in (3, 0, 16):
+        with pytest.raises(ValueError, match="multiple of M"):
+            model.generate(ids, search="beam", num_candidates=8, beam_width=bad)
+    with pytest.raises(ValueError, match="`ranking`"):
+        model.generate(ids, search="dvts", num_candidates=4, beam_width=2, ranking="best")
+    with pytest.raises(ValueError, match="best_of_n'` only"):
+        model.generate(ids, search="beam", num_candidates=4, beam_width=2, prune_top_k=1)
+    with pytest.raises(ValueError, match="`beam_width` applies"):
+        model.generate(ids, num_candidates=4, beam_width=2)
+
+
+# ----------------------------------------------------------------------------------- pruning that removes rows
+
+
+def test_pruning_with_rows_removed_keeps_the_same_trajectories(model):
+    ids, mask = PROMPTS
+    for options in ({"prune_top_k": 2, "prune_min_steps": 1}, {"prune_threshold": 0.45, "prune_min_steps": 1}):
+        kwargs = {"attention_mask": mask, "num_candidates": 6, "max_new_tokens": 40, "progress_bar": False}
+        for seed in (9, 10):
+            shapes: dict[bool, list] = {True: [], False: []}
+            outs = {}
+            for remove in (True, False):
+                handle = model.model.embed_tokens.register_forward_hook(
+                    lambda _m, inputs, _o, seen=shapes[remove]: seen.append(inputs[0].shape[0])
+                )
+                try:
+                    outs[remove] = model.generate(
+                        ids, seed=seed, remove_stopped_rows=remove, **kwargs, **options, **STEPPY
+                    )
+                finally:
+                    handle.remove()
+            removed, kept = outs[True], outs[False]
+            assert torch.equal(removed.candidates, kept.candidates) and torch.equal(removed.pruned, kept.pruned)
+            # Same tokens; the logits of a row may differ in the last bits with the batch size.
+            torch.testing.assert_close(removed.scores, kept.scores)
+            assert removed.tokens_saved == kept.tokens_saved
+            assert removed.pruned.any()
+            # rows kept as padding go through every forward; removed rows do not
+            assert sum(shapes[True]) < sum(shapes[False])
+            assert set(shapes[False][2:]) == {12}
+
+
+# ----------------------------------------------------------------------------------- remote code
+
+assert "\nout = {}\n" in CLEAN_LOADER
+SEARCH_LOADER = CLEAN_LOADER.split("\nout = {}\n")[0] + textwrap.dedent(
+    """
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids, mask = torch.tensor(ids[0]), torch.tensor(ids[1])
+    result = {}
+    for search in ("beam", "dvts"):
+        out = model.generate(ids, attention_mask=mask, search=search, num_candidates=4, beam_width=2, seed=5,
+                             max_new_tokens=16, pad_token_id=0, eos_token_id=8,
+                             sequence_bias={(5,): 1.5, (8,): 1.0}, progress_bar=False)
+        b, n, t = out.candidates.shape
+        offline = model.score_trajectories(out.candidates.view(b * n, t), out.candidate_attention_mask.view(b * n, t))
+        result[search] = {"module": type(out).__module__, "candidates": out.candidates.tolist(),
+                          "online": out.log_scores.flatten().tolist(), "offline": offline.log_scores.tolist()}
+    print(json.dumps(result))
+    """
+)
+
+
+def test_search_from_a_remote_code_checkpoint(model, tmp_path):
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    assert (folder / "generation_metastone.py").exists() and (folder / "scoring_metastone.py").exists()
+    ids, mask = PROMPTS
+    got = run_without_package(SEARCH_LOADER, tmp_path, str(folder), json.dumps([ids.tolist(), mask.tolist()]))
+    for search in ("beam", "dvts"):
+        result = got[search]
+        assert result["module"].startswith("transformers_modules")
+        online, offline = torch.tensor(result["online"]), torch.tensor(result["offline"])
+        assert torch.equal(torch.isfinite(online), torch.isfinite(offline))
+        finite = torch.isfinite(offline)
+        assert (online[finite] - offline[finite]).abs().max() <= 1e-4
+        expected = model.generate(
+            ids, attention_mask=mask, search=search, num_candidates=4, beam_width=2, seed=5, max_new_tokens=16,
+            pad_token_id=0, eos_token_id=8, sequence_bias={(5,): 1.5, (8,): 1.0}, progress_bar=False,
+        )  # fmt: skip
+        assert torch.equal(torch.tensor(result["candidates"]), expected.candidates)
