@@ -224,3 +224,17 @@ def test_search_from_a_remote_code_checkpoint(model, tmp_path):
             pad_token_id=0, eos_token_id=8, sequence_bias={(5,): 1.5, (8,): 1.0}, progress_bar=False,
         )  # fmt: skip
         assert torch.equal(torch.tensor(result["candidates"]), expected.candidates)
+
+
+def test_pruned_candidates_never_win(model):
+    ids, mask = PROMPTS
+    for seed in range(6):
+        out = model.generate(
+            ids, attention_mask=mask, num_candidates=6, seed=seed, max_new_tokens=40, prune_top_k=2,
+            prune_min_steps=1, progress_bar=False, **STEPPY,
+        )  # fmt: skip
+        for b in range(2):
+            finished = (~out.pruned[b]).nonzero().flatten()
+            assert not out.pruned[b, out.chosen_index[b]]
+            best = finished[torch.argmax(out.log_scores[b, finished].double())]
+            assert out.chosen_index[b] == best  # the best of the candidates that finished

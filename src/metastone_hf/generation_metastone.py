@@ -114,7 +114,7 @@ class SearchOutput(ModelOutput):
         step_scores: ``step_scores[b][j]`` the 1-D tensor of ``sigmoid`` step scores of candidate ``j`` of prompt ``b``.
         step_positions: same layout, the positions whose logit scored each step (one before each step token).
         num_steps: ``[B, N]`` number of scored steps.
-        chosen_index: ``[B]`` index in ``0..N-1`` of the chosen candidate.
+        chosen_index: ``[B]`` index in ``0..N-1`` of the chosen candidate (never a pruned one).
         answers: ``answers[b][j]`` the extracted answer (``None`` when none was found), when the selection strategy
             used answers; ``None`` otherwise.
         num_generated_tokens: ``[B, N]`` real generated tokens per candidate (EOS included, padding excluded).
@@ -828,15 +828,19 @@ class StepSearch:
         if needs_answers:
             flat = _decode_answers(tokenizer, sequences, mask, prompt_length, answer_extractor or extract_boxed_answer)
             answers = [flat[b * n : (b + 1) * n] for b in range(batch)]
+        pruned = torch.tensor([f.pruned for f in chosen_trajectories], device=device)
         chosen = []
         for b in range(batch):
-            index = int(strategy(ranking_scores[b], None if answers is None else answers[b]))
-            if not 0 <= index < n:
-                raise ValueError(f"The selection strategy returned index {index}, outside 0..{n - 1}.")
-            chosen.append(index)
+            # Pruned candidates never finished: they are returned, but neither win nor vote.
+            finished = [j for j in range(n) if not bool(pruned[b * n + j])] or list(range(n))
+            pick = int(
+                strategy(ranking_scores[b, finished], None if answers is None else [answers[b][j] for j in finished])
+            )
+            if not 0 <= pick < len(finished):
+                raise ValueError(f"The selection strategy returned index {pick}, outside 0..{len(finished) - 1}.")
+            chosen.append(finished[pick])
         chosen_index = torch.tensor(chosen, dtype=torch.long, device=device)
         candidates = sequences.view(batch, n, total_length)
-        pruned = torch.tensor([f.pruned for f in chosen_trajectories], device=device)
         generated = torch.tensor([len(f.generated) for f in chosen_trajectories], device=device)
 
         def per_prompt_lists(items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
