@@ -6,7 +6,7 @@ fresh subprocesses, interleaved, on the same disk (nothing is dropped from the p
 
 * ``cp -r`` of the release folder;
 * the conversion without a dtype change (the default: shards hard-linked);
-* the conversion with a dtype change (shards cast and rewritten one at a time).
+* the conversion with a dtype change (shards cast and rewritten one tensor at a time).
 
 The conversion runs as ``python -c`` calling ``convert_official_checkpoint``; the child reports how long its
 imports (torch, transformers, metastone_hf: a few seconds whatever the release size) and the conversion itself

@@ -128,10 +128,17 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    styles = {
+        "best_of_n": ("Best-of-N", "o", "-"),
+        "beam": ("beam search", "s", "--"),
+        "dvts": ("DVTS", "^", ":"),
+        "pruned": ("Best-of-N + pruning (top N/4)", "D", "-."),
+    }
     for name, rows in results.items():
         xs = [r["tokens_generated"] / r["problems"] for r in rows]
         ys = [100 * r["accuracy"] for r in rows]
-        ax.plot(xs, ys, marker="o", label={"best_of_n": "Best-of-N", "beam": "beam search", "dvts": "DVTS"}[name])
+        label, marker, line = styles[name]
+        ax.plot(xs, ys, marker=marker, linestyle=line, label=label, alpha=0.85)
         for x, y, r in zip(xs, ys, rows):
             ax.annotate(f"N={r['n']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log", base=2)
@@ -181,11 +188,13 @@ def main() -> None:
             )
 
     print("\npruning (Best-of-N, prune_top_k=N/4, prune_min_steps=1): stopped rows removed vs kept as padding")
+    results["pruned"] = []
     for n in args.budgets:
         options = {"prune_top_k": max(1, n // 4), "prune_min_steps": 1}
         removed = run(model, tokenizer, problems, n, args.seed, args.batch_size, remove_stopped_rows=True, **options)
         kept = run(model, tokenizer, problems, n, args.seed, args.batch_size, remove_stopped_rows=False, **options)
-        same = all(torch.equal(a, b) for a, b in zip(removed["candidates"], kept["candidates"]))
+        same = all(torch.equal(a, b) for a, b in zip(removed.pop("candidates"), kept.pop("candidates")))
+        results["pruned"].append({**removed, "n": n, "problems": len(problems)})
         print(
             f"N={n}: same candidates {same}; accuracy {100 * removed['accuracy']:.1f}%; tokens saved "
             f"{removed['tokens_saved'] / len(problems):.1f}/problem; backbone tokens processed "

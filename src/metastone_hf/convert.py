@@ -12,7 +12,7 @@ model is flat, so they equal ``Qwen2ForCausalLM``'s), the head as its own float3
 The conversion streams: the backbone is never loaded as a model. Without a dtype change its shards are
 hard-linked into the output (copied where the two folders are on different filesystems), so converting a
 65 GB release takes seconds and no more memory than the interpreter; with a dtype change
-the shards are rewritten one at a time, so memory holds one shard (in the new dtype), never the model. ``pytorch_model*.bin``
+each shard is rewritten one tensor at a time, so memory holds one tensor, never a shard. ``pytorch_model*.bin``
 releases are rewritten as safetensors the same way (read with ``weights_only=True``). The output is written to
 a temporary sibling folder and renamed into place only when complete, so a failed conversion leaves nothing
 half-written.
@@ -31,9 +31,10 @@ import math
 import os
 import pickle
 import shutil
+import struct
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,11 @@ BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 BIN_FILE = "pytorch_model.bin"
 # Weight dtypes a conversion may cast between; other tensors (integer buffers, fp8 with scales) are kept as they are.
 CASTABLE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# Bytes per element of each safetensors dtype code.
+# The torch dtype and the bytes per element of each safetensors dtype code.
+SAFETENSORS_DTYPES = {
+    **CASTABLE_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 SAFETENSORS_ITEM_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1,
@@ -143,8 +148,8 @@ def convert_official_checkpoint(
 
     The backbone is never loaded whole. Without a dtype change its shards are hard-linked (copied across
     filesystems): the output then shares their disk blocks with the release, so deleting either folder leaves
-    the other intact but a shard edited in place changes in both. With one, the shards are cast and rewritten one
-    at a time.
+    the other intact but a shard edited in place changes in both. With one, each shard is cast and rewritten a
+    tensor at a time.
 
     Args:
         official_dir: folder with ``config.json`` (Qwen2), the weights (safetensors, or ``pytorch_model*.bin``)
@@ -341,14 +346,14 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 
 
 def _cast(tensor: torch.Tensor, target: torch.dtype | None) -> torch.Tensor:
-    """``target`` for floating weights, their own dtype otherwise (or without a target); always its own storage."""
+    """``target`` for floating weights, their own dtype otherwise (or without a target)."""
     if target is not None and tensor.dtype in CASTABLE_DTYPES.values() and tensor.dtype != target:
         return tensor.to(target)
-    return tensor.contiguous().clone()  # safetensors refuses tensors that share storage (tied .bin weights)
+    return tensor
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[str, int]]:
-    """Write ``tensors`` as one safetensors file; returns name -> (dtype code, bytes)."""
+    """Write ``tensors`` (small: the head) as one safetensors file; returns name -> (dtype code, bytes)."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -358,21 +363,88 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str,
     }
 
 
+def _tensor_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where each tensor's bytes lie in a safetensors file: (data start, name -> (begin, end) from there).
+
+    The format is an 8-byte little-endian header length, a JSON header, then the data. Reading the data with plain
+    file reads (not a memory map, whose touched pages stay in this process's memory) keeps a rewrite at one tensor.
+    """
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, {name: tuple(entry["data_offsets"]) for name, entry in header.items()}
+
+
+def _write_safetensors(destination: Path, layout: dict[str, tuple[str, list[int]]], data: Iterator[Any]) -> None:
+    """Write a safetensors file whose tensors (name -> dtype code, shape) are known before their data.
+
+    ``data`` yields each tensor's bytes (a tensor or a buffer) in ``layout`` order and is consumed one at a time:
+    ``safetensors.torch.save_file`` would need the whole shard in memory at once. The result is read back with
+    ``safetensors.safe_open`` by the conversion's own checks and by ``from_pretrained``.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (code, shape) in layout.items():
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + _nbytes(code, shape)]}
+        offset += _nbytes(code, shape)
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    if sys.byteorder != "little":
+        raise ConversionError("Rewriting shards needs a little-endian machine (safetensors data is little-endian).")
+    with open(destination, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for (name, (code, shape)), chunk in zip(layout.items(), data, strict=True):
+            buffer = memoryview(
+                chunk.contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(chunk, torch.Tensor) else chunk
+            )
+            if buffer.nbytes != _nbytes(code, shape):
+                raise ConversionError(
+                    f"Tensor {name}: {buffer.nbytes} bytes of data, its header says {_nbytes(code, shape)}."
+                )
+            file.write(buffer)
+
+
+def _target_code(code: str, target: torch.dtype | None) -> str:
+    """The dtype code a weight is written in: ``target`` for floating weights, its own otherwise."""
+    if target is None or code not in CASTABLE_DTYPES:
+        return code
+    return next(c for c, dtype in CASTABLE_DTYPES.items() if dtype == target)
+
+
 def _rewrite_safetensors_shard(
     source: Path, destination: Path, target: torch.dtype | None
 ) -> dict[str, tuple[str, int]]:
-    """Cast one safetensors shard into ``destination``; memory holds that one shard in the target dtype."""
-    from safetensors import safe_open
+    """Cast one safetensors shard into ``destination`` a tensor at a time; returns name -> (dtype code, bytes)."""
+    header = read_safetensors_header(source)  # validated by the safetensors library
+    data_start, offsets = _tensor_offsets(source)
+    names = sorted(header, key=lambda name: offsets[name][0])
+    layout = {name: (_target_code(header[name][0], target), header[name][1]) for name in names}
 
-    with safe_open(str(source), framework="pt") as file:
-        tensors = {name: _cast(file.get_tensor(name), target) for name in file.keys()}  # noqa: SIM118
-    return _save_safetensors(tensors, destination)
+    def tensors() -> Iterator[Any]:
+        with open(source, "rb") as file:
+            for name in names:
+                begin, end = offsets[name]
+                file.seek(data_start + begin)
+                raw = bytearray(end - begin)
+                if file.readinto(raw) != len(raw):
+                    raise ConversionError(f"{source} is truncated: tensor {name} lies past its end.")
+                code = header[name][0]
+                if raw and layout[name][0] != code:
+                    yield torch.frombuffer(raw, dtype=CASTABLE_DTYPES[code]).to(target)
+                else:
+                    yield raw
+
+    _write_safetensors(destination, layout, tensors())
+    return {name: (code, _nbytes(code, shape)) for name, (code, shape) in layout.items()}
 
 
 def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | None) -> dict[str, tuple[str, int]]:
     """Rewrite one ``pytorch_model*.bin`` shard as safetensors (cast when asked); returns name -> (code, bytes)."""
     try:
-        try:  # memory-mapped: tensors are read from disk as they are cast, not all up front
+        try:  # memory-mapped: each tensor is read from disk when it is written out, not all up front
             state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as error:
             if "mmap" not in str(error):
@@ -385,7 +457,14 @@ def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | No
         ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{source} must hold a dict of tensors (a state dict), got {type(state).__name__}.")
-    return _save_safetensors({name: _cast(tensor, target) for name, tensor in state.items()}, destination)
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+    for name, tensor in state.items():
+        if tensor.dtype not in codes:
+            raise ConversionError(f"Tensor {name} of {source} has dtype {tensor.dtype}, which safetensors cannot hold.")
+    layout = {name: (_target_code(codes[t.dtype], target), list(t.shape)) for name, t in state.items()}
+    # Each tensor is written as its own bytes, so tied weights stored as views of one storage are no obstacle.
+    _write_safetensors(destination, layout, (_cast(state[name], target) for name in layout))
+    return {name: (code, _nbytes(code, shape)) for name, (code, shape) in layout.items()}
 
 
 def _output_shard_name(name: str) -> str:
