@@ -188,3 +188,56 @@ def test_push_renders_card_with_metrics(checkpoint, tmp_path, monkeypatch, capsy
     report.write_text(json.dumps({"summary": {"metrics": {"bon_sprm@2 (low)": {"mean": 0.5}}, "sprm_auc": 0.75}}))
     assert cli.main(["push", "--model", checkpoint, "--repo-id", "me/tiny", "--metrics", str(report)]) == 0
     assert "| bon_sprm@2 (low) | 0.5 |" in uploaded["card"] and "| SPRM AUC | 0.75 |" in uploaded["card"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--num-candidates", "0"], "argument --num-candidates: 0 is outside (0, inf)"),
+        (["generate", "--top-p", "1.5"], "argument --top-p: 1.5 is outside (0.0, 1.0]"),
+        (["generate", "--temperature", "0"], "argument --temperature: 0.0 is outside (0.0, inf)"),
+        (["generate", "--top-k", "-1"], "argument --top-k: -1 is outside [0, inf)"),
+        (["generate", "--max-new-tokens", "ten"], "argument --max-new-tokens: 'ten' is not an int"),
+        (["generate", "--beam-width", "0"], "argument --beam-width: 0 is outside (0, inf)"),
+        (["score", "--text", "x", "--batch-size", "0"], "argument --batch-size: 0 is outside (0, inf)"),
+        (["eval", "--data", "gsm8k", "--limit", "0"], "argument --limit: 0 is outside (0, inf)"),
+        (["eval", "--data", "gsm8k", "--samples-per-question", "-4"], "argument --samples-per-question: -4 is outside"),
+        (["eval", "--data", "gsm8k", "--threads", "0"], "argument --threads: 0 is outside (0, inf)"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
+    command, rest = argv[0], argv[1:]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--model", "unused", *(["--prompt", "x"] if command == "generate" else []), *rest])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(cli, "_load_model_and_tokenizer", no_model)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "a"}\n{not json\n')
+    for argv, message in (
+        (["generate", "--prompt-file", str(tmp_path / "missing.txt")], "missing.txt not found"),
+        (["generate", "--prompt-file", str(empty)], "is empty"),
+        (["generate", "--prompt", "   "], "--prompt is empty"),
+        (["score", "--input", str(bad_json)], "bad.jsonl:2 is not valid JSON"),
+        (["score", "--text", ""], "--text is empty"),
+    ):
+        assert cli.main([argv[0], "--model", "unused", *argv[1:]]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_generate_with_step_level_search(checkpoint, capsys):
+    for search in ("beam", "dvts"):
+        code = cli.main(["generate", "--model", checkpoint, "--prompt", "what is one plus one", "--num-candidates",
+                         "4", "--search", search, "--beam-width", "2", "--max-new-tokens", "12", "--json",
+                         "--no-progress"])  # fmt: skip
+        assert code == 0
+        result = json.loads(capsys.readouterr().out)
+        assert len(result[0]["scores"]) == 4

@@ -238,3 +238,12 @@ def test_pruned_candidates_never_win(model):
             assert not out.pruned[b, out.chosen_index[b]]
             best = finished[torch.argmax(out.log_scores[b, finished].double())]
             assert out.chosen_index[b] == best  # the best of the candidates that finished
+
+
+def test_sliding_window_caches_are_refused_by_step_search():
+    model = tiny_metastone(text_overrides={"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0})
+    with pytest.raises(ValueError, match="full-attention cache layers"):
+        model.generate(
+            torch.tensor([[1, 6, 9, 10]]), search="beam", num_candidates=4, beam_width=2, max_new_tokens=20,
+            sequence_bias={(STEP,): 3.0}, pad_token_id=PAD, progress_bar=False,
+        )  # fmt: skip

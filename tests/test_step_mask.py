@@ -235,3 +235,11 @@ def test_incremental_rule_with_left_padded_prompts_and_selected_rows():
     candidate, counts = rule.update(torch.tensor([STEP, STEP, 9]))
     assert candidate.tolist() == [False, True, False]  # row 0 continues a run of step tokens
     assert counts.tolist() == [False, True, False]
+
+
+def test_scoring_primitives_check_shapes():
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="differs from `input_ids` shape"):
+        sprm_step_token_mask(ids, [STEP], THINK, END_THINK, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="must have one shape"):
+        sprm_trajectory_log_scores(torch.zeros(2, 5), torch.zeros(2, 4, dtype=torch.bool))

@@ -52,11 +52,37 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder of a metastone-hf checkpoint")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where it loads)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
 
 
 # An interactive answer should come back in minutes, not hours: the paper's 32768-token budget is for `eval`.
 GENERATE_MAX_NEW_TOKENS = 4096
+
+
+def _bounded(kind: type, low: float, high: float | None = None, low_inclusive: bool = False) -> Any:
+    """An argparse type: ``kind`` within (low, high] (or [low, high] with ``low_inclusive``), else a clear error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n int' if kind is int else ' number'}") from None
+        above = value >= low if low_inclusive else value > low
+        if not above or (high is not None and value > high):
+            interval = (
+                f"{'[' if low_inclusive else '('}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
+            )
+            raise argparse.ArgumentTypeError(f"{value} is outside {interval}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 0)
+NON_NEGATIVE_INT = _bounded(int, 0, low_inclusive=True)
+POSITIVE_FLOAT = _bounded(float, 0.0)
+PROBABILITY = _bounded(float, 0.0, 1.0)
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,19 +94,29 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     effort.add_argument(
         "--effort", choices=["low", "medium", "high"], default=None, help="reasoning effort (N = 2/8/32)"
     )
-    effort.add_argument("--num-candidates", type=int, default=None, help="N candidates per prompt")
+    effort.add_argument("--num-candidates", type=POSITIVE_INT, default=None, help="N candidates per prompt")
+    parser.add_argument(
+        "--search",
+        choices=["best_of_n", "beam", "dvts"],
+        default="best_of_n",
+        help="best_of_n: N independent samples (the paper); beam: beam search over steps (the M best beams "
+        "continue, N/M children each); dvts: N/M independent subtrees expanded M ways at every step",
+    )
+    parser.add_argument("--beam-width", type=POSITIVE_INT, default=None, help="M for beam / dvts (default N/4)")
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=POSITIVE_INT,
         default=GENERATE_MAX_NEW_TOKENS,
         help=f"tokens per candidate (default {GENERATE_MAX_NEW_TOKENS}; the paper's evaluation allows "
         f"{paper.max_new_tokens}, so long reasoning may be cut off here)",
     )
-    parser.add_argument("--temperature", type=float, default=paper.temperature, help="default: the paper's")
-    parser.add_argument("--top-p", type=float, default=paper.top_p, help="default: the paper's")
-    parser.add_argument("--top-k", type=int, default=paper.top_k, help="0 = no top-k cut (default: the paper's)")
+    parser.add_argument("--temperature", type=POSITIVE_FLOAT, default=paper.temperature, help="default: the paper's")
+    parser.add_argument("--top-p", type=PROBABILITY, default=paper.top_p, help="default: the paper's")
     parser.add_argument(
-        "--repetition-penalty", type=float, default=paper.repetition_penalty, help="default: the paper's"
+        "--top-k", type=NON_NEGATIVE_INT, default=paper.top_k, help="0 = no top-k cut (default: the paper's)"
+    )
+    parser.add_argument(
+        "--repetition-penalty", type=POSITIVE_FLOAT, default=paper.repetition_penalty, help="default: the paper's"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -96,16 +132,16 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     )
     paper = EVAL_PROTOCOLS["paper"]
     for flag, kind, value in (
-        ("--temperature", float, paper.temperature),
-        ("--top-p", float, paper.top_p),
-        ("--top-k", int, f"{paper.top_k}, i.e. no top-k cut"),
-        ("--repetition-penalty", float, paper.repetition_penalty),
-        ("--max-new-tokens", int, paper.max_new_tokens),
+        ("--temperature", POSITIVE_FLOAT, paper.temperature),
+        ("--top-p", PROBABILITY, paper.top_p),
+        ("--top-k", NON_NEGATIVE_INT, f"{paper.top_k}, i.e. no top-k cut"),
+        ("--repetition-penalty", POSITIVE_FLOAT, paper.repetition_penalty),
+        ("--max-new-tokens", POSITIVE_INT, paper.max_new_tokens),
     ):
         parser.add_argument(flag, type=kind, default=None, help=f"override the protocol's value (paper: {value})")
     parser.add_argument(
         "--samples-per-question",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         metavar="M",
         help="candidates sampled per question (default: the largest N of the requested efforts); every N is "
@@ -114,16 +150,25 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------ commands
+def _read_lines(path: str, what: str) -> list[str]:
+    """The non-empty lines of a text file, checked before any model is loaded."""
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"{path} not found: {what} must be a text file.")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise CLIError(f"{path} is empty: {what} needs at least one non-empty line.")
+    return lines
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt is not None and not args.prompt.strip():
+        raise CLIError("--prompt is empty: give the question text.")
+    prompts = [args.prompt] if args.prompt else _read_lines(args.prompt_file, "--prompt-file")
     _set_threads(args.threads)
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     from .evaluation import default_prompt_builder
 
-    prompts = (
-        [args.prompt]
-        if args.prompt
-        else [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
-    )
     build = (lambda text: text) if args.raw_prompt else default_prompt_builder(tokenizer, model)
     inputs = tokenizer([build(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(
         model.device
@@ -133,6 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         **inputs,
         reasoning_effort=effort or (None if args.num_candidates else "medium"),
         num_candidates=args.num_candidates,
+        search=args.search,
+        beam_width=args.beam_width,
         selection=args.selection,
         tokenizer=tokenizer,
         do_sample=True,
@@ -176,22 +223,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     if args.text is not None:
+        if not args.text.strip():
+            raise CLIError("--text is empty: give the trajectory (prompt + completion).")
         texts = [args.text]
     else:
         texts = []
-        for number, line in enumerate(Path(args.input).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "text" in row:
+        for number, line in enumerate(_read_lines(args.input, "--input"), 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CLIError(f"{args.input}:{number} is not valid JSON ({error.msg}).") from None
+            if isinstance(row, dict) and isinstance(row.get("text"), str):
                 texts.append(row["text"])
-            elif "prompt" in row and "completion" in row:
+            elif (
+                isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
+            ):
                 texts.append(row["prompt"] + row["completion"])
             else:
-                raise CLIError(f"{args.input}:{number}: each row needs `text`, or `prompt` and `completion`.")
+                raise CLIError(f"{args.input}:{number}: each row needs `text`, or `prompt` and `completion` (strings).")
+    _set_threads(args.threads)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     result = model.score_trajectories(encoded["input_ids"], encoded["attention_mask"], batch_size=args.batch_size)
     rows = [
@@ -385,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     given = score.add_mutually_exclusive_group(required=True)
     given.add_argument("--text", help="one trajectory")
     given.add_argument("--input", help="jsonl with `text` or `prompt` + `completion` per row")
-    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="trajectories per forward")
     score.add_argument("--json", action="store_true")
     score.set_defaults(func=cmd_score)
 
@@ -413,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default=None, help="dataset split (default: the benchmark's; for a local DatasetDict folder)"
     )
     ev.add_argument("--efforts", nargs="+", default=None, help="efforts to report (default: all presets)")
-    ev.add_argument("--limit", type=int, default=None, help="first N questions only")
-    ev.add_argument("--batch-size", type=int, default=1, help="questions per generate call")
+    ev.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N questions only")
+    ev.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="questions per generate call")
     _add_protocol_arguments(ev)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--output-dir", default="metastone-eval")

@@ -59,6 +59,11 @@ def sprm_step_token_mask(
     """
     if input_ids.ndim != 2:
         raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape "
+            f"{tuple(input_ids.shape)}."
+        )
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
     step_ids = torch.as_tensor(step_token_ids, device=input_ids.device, dtype=input_ids.dtype).reshape(-1)
     is_step = torch.isin(input_ids, step_ids) & valid
@@ -136,6 +141,10 @@ def sprm_trajectory_log_scores(step_logits: torch.Tensor, score_mask: torch.Tens
     Computed in float32 log space, so thousands of steps in bf16 never underflow. A trajectory with no
     step gets ``-inf`` (score 0): it ranks below every trajectory that has steps.
     """
+    if step_logits.shape != score_mask.shape:
+        raise ValueError(
+            f"`step_logits` {tuple(step_logits.shape)} and `score_mask` {tuple(score_mask.shape)} must have one shape."
+        )
     log_probs = F.logsigmoid(step_logits.float()).masked_fill(~score_mask, 0.0)
     counts = score_mask.sum(dim=-1)
     mean = log_probs.sum(dim=-1) / counts.clamp(min=1)
