@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -471,6 +471,58 @@ def plot_accuracy_vs_n(summary: dict[str, Any], path: str | Path, title: str = "
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("N (candidates per question)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_tokens(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    title: str = "Accuracy vs generated tokens",
+    xlabel: str = "tokens generated per question, all candidates (log scale)",
+) -> Path:
+    """PNG plot of accuracy against the tokens generated per question (log2 axis), the paper's scaling-law view.
+
+    ``curves`` maps a method's label to its points, each a mapping with ``tokens`` (generated per question, all
+    candidates and branches), ``mean`` (accuracy, a fraction), optionally ``ci_low`` / ``ci_high`` (a shaded
+    interval) and ``n`` (written next to the point). A curve with one point is drawn as a marker.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Curves may coincide (strategies that generate the same tokens and pick the same answers): distinct markers,
+    # sizes and line styles keep each visible, and each N is labelled once.
+    styles = [("o", "-"), ("s", "-"), ("^", "-"), ("v", "--"), ("D", ":"), ("P", "-."), ("X", "--")]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    labelled: set[float] = set()
+    for index, (label, points) in enumerate(curves.items()):
+        points = sorted(points, key=lambda point: point["tokens"])
+        if not points:
+            continue
+        marker, linestyle = styles[index % len(styles)]
+        xs = [point["tokens"] for point in points]
+        ys = [100 * point["mean"] for point in points]
+        (line,) = ax.plot(xs, ys, marker=marker, linestyle=linestyle, markersize=max(3, 8 - index), label=label)
+        if all("ci_low" in point and "ci_high" in point for point in points) and len(points) > 1:
+            low = [100 * point["ci_low"] for point in points]
+            high = [100 * point["ci_high"] for point in points]
+            ax.fill_between(xs, low, high, alpha=0.08, color=line.get_color())
+        for x, y, point in zip(xs, ys, points):
+            if "n" in point and point["n"] not in labelled:
+                labelled.add(point["n"])
+                ax.annotate(f"N={int(point['n'])}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -12,7 +12,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 2 when two cores are idle, else 1; the results do not depend on it)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny budgets (a CI smoke run: the targets are not expected)"
     )

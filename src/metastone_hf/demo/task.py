@@ -8,28 +8,37 @@ step, and a self-supervised process-reward head (SPRM, trained from outcome labe
 those steps from the policy's own hidden states, so that Best-of-N with the head beats pass@1,
 random pick and majority vote.
 
-* **Learnable fast.**  Every step is two one-layer operations for a transformer: copy the previous
-  step's end node (fixed offset) and find, by content, the fact whose key matches (a whole fact
-  ``x:y`` is ONE token, see :func:`build_tokenizer`).  With char-level facts the lookup needs an
-  induction circuit and a 0.2-1M model stayed on the uniform-guess plateau for 900+ steps.
+* **Learnable fast.**  Every token of a step is a one-layer operation for a transformer: copy the
+  previous step's end node (fixed offset), decide at that node, then find, by content, the one fact
+  that matches the decision token (a whole fact ``x:y`` is ONE token, and so is a decision ``x(new)``,
+  see :func:`build_tokenizer`).  With char-level facts the lookup needs an induction circuit and a
+  0.2-1M model stayed on the uniform-guess plateau for 900+ steps.
 * **Errors concentrate** (so majority vote can fail).  Each problem contains one *stale* fact for a
   node on the chain (written ``x~y`` instead of ``x:y``).  The imperfect teacher follows the stale
-  fact with a per-problem probability (higher when the stale fact is listed *after* the current one:
-  a "recency" bias visible in the prompt; the tiny policy learns it).  After the stale edge it
-  continues correctly from the wrong node, so all its wrong trajectories end on the SAME wrong answer;
-  where that rate is above 1/2 the wrong answer is the plurality and majority vote picks it.
-* **The wrong step is visible.**  A step cites the fact it uses and tags it ``(new)`` / ``(old)``,
-  like a reasoning step that says which number it took.  Nothing tells the head that ``(old)`` is
-  bad: it learns it from outcome labels only (SPR loss).  The tag is the step's last token, i.e.
-  exactly where the head reads; without it (fact token last) the staleness was only weakly readable
-  from the tiny policy's ``hidden_states[-2]`` (trajectory AUC 0.60-0.81).  One stale fact about an
-  off-chain node is added as noise.
+  fact with a per-problem probability (:data:`TEACHER_ERROR_RATES`: 90% when the stale fact is listed
+  *after* the current one, a "recency" bias visible in the prompt, 25% otherwise; the tiny policy
+  learns it).  After the stale edge it continues correctly from the wrong node, so all its wrong
+  trajectories end on the SAME wrong answer; where that rate is above 1/2 the wrong answer is the
+  plurality and majority vote picks it.
+* **Every kind of policy error shows in its own step.**  A step first *decides* which fact it follows
+  (``c(new)`` or ``c(old)``: at node ``c``, take the current or the stale fact), then cites that fact,
+  then restates the tag as its last token, i.e. exactly where the head reads: ``c>c(new)c:e(new)``.
+  Nothing tells the head that ``(old)`` is bad: it learns it from outcome labels only (SPR loss).
+  Deciding before citing matters.  When a step cited the fact first and tagged it after, the policy's
+  hesitation at the node with two facts leaked into *blended* citations (``c:b`` from ``c:e`` and
+  ``c~b``, or some other fact's value) in about 4% of its trajectories; a fifth of those were tagged
+  ``(new)`` and scored like correct ones, nothing in the head's features told them apart, and with
+  more candidates one of them took the top score more often (BoN-SPRM@32 below @8 on every seed).
+  With the decision as its own token the citation is a lookup by key *and* separator, which matches
+  exactly one fact: blended citations fell to 0.1-0.3% of trajectories.  One stale fact about an
+  off-chain node is added as noise.  :func:`classify_errors` names every kind of error a trajectory
+  can contain (:data:`ERROR_TYPES`).
 
 Format (one example)::
 
     prompt      "e~c g:f c:e b~g a:c e:d b:h d:b h:g f:a ?c"
-    completion  "<think>c>c:e(new).\n\ne>e:d(new).\n\nd>d:b(new).\n\n</think>\\boxed{b}<eos>"   correct
-    completion  "<think>c>c:e(new).\n\ne>e~c(old).\n\nc>c:e(new).\n\n</think>\\boxed{e}<eos>"   wrong
+    completion  "<think>c>c(new)c:e(new).\n\ne>e(new)e:d(new).\n\nd>d(new)d:b(new).\n\n</think>\\boxed{b}<eos>"   correct
+    completion  "<think>c>c(new)c:e(new).\n\ne>e(old)e~c(old).\n\nc>c(new)c:e(new).\n\n</think>\\boxed{e}<eos>"   wrong
 
 Facts over the nodes ``a..h`` (the current successor map is one random 8-cycle), the question
 ``?c`` = "start at ``c``, follow :data:`HOPS` (3) current edges; where do you end?".  ``x>`` = "at node
@@ -38,7 +47,8 @@ it, then ``</think>`` and the boxed answer.
 
 Public API: :func:`make_problem`, :func:`make_split`, :func:`teacher_completion`,
 :func:`format_prompt`, :func:`extract_answer`, :func:`reward`, :func:`reward_fn`,
-:func:`build_tokenizer`, constants :data:`STEP_TEXT`, :data:`THINK`, :data:`END_THINK`.
+:func:`build_tokenizer`, :func:`fact_tag`, :func:`classify_errors`, constants :data:`STEP_TEXT`, :data:`THINK`,
+:data:`END_THINK`, :data:`ERROR_TYPES`.
 Imports only the standard library at module level; ``transformers``/``tokenizers`` lazily.
 """
 
@@ -66,6 +76,10 @@ __all__ = [
     "build_tokenizer",
     "teacher_error_rate",
     "format_completion",
+    "format_step",
+    "fact_tag",
+    "classify_errors",
+    "ERROR_TYPES",
 ]
 
 NODES = "abcdefgh"
@@ -77,6 +91,11 @@ BOX_CLOSE = "}"
 TAG_NEW, TAG_OLD = "(new)", "(old)"
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 HOPS = 3
+# The teacher's probability of following the stale fact when it is listed (before, after) the current one. The
+# "after" rate is high so that the problems range from easy to hard for the policy: with one sample in ten right
+# on the hard half, N = 2 and 8 candidates often hold no correct trajectory and N = 32 almost always does, so
+# Best-of-N accuracy keeps rising with N; and majority vote is wrong on that half.
+TEACHER_ERROR_RATES = (0.25, 0.90)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +192,7 @@ def format_prompt(p: Problem) -> str:
     return f"{facts} ?{p.start}"
 
 
-def teacher_error_rate(p: Problem, rates: tuple = (0.25, 0.70)) -> float:
+def teacher_error_rate(p: Problem, rates: tuple = TEACHER_ERROR_RATES) -> float:
     """Per-problem probability that the imperfect teacher takes the stale edge.
 
     ``rates = (when the stale fact is listed before the current one, when it is listed after)``.
@@ -181,17 +200,28 @@ def teacher_error_rate(p: Problem, rates: tuple = (0.25, 0.70)) -> float:
     return rates[1] if p.stale_after else rates[0]
 
 
-def teacher_trajectory(p: Problem, rng: random.Random, rates: tuple = (0.25, 0.70)) -> tuple:
+def fact_tag(fact: tuple) -> str:
+    """The tag of a step that follows ``fact = (key, sep, value)``: :data:`TAG_NEW` for ``":"``, :data:`TAG_OLD` for ``"~"``."""
+    return TAG_NEW if fact[1] == ":" else TAG_OLD
+
+
+def format_step(node: str, fact: tuple) -> str:
+    """``"c>c(old)c~b(old)"``: at ``node``, decide (``c(old)``), cite ``fact``, restate the tag (the token the head reads)."""
+    tag = fact_tag(fact)
+    return f"{node}>{node}{tag}{''.join(fact)}{tag}"
+
+
+def teacher_trajectory(p: Problem, rng: random.Random, rates: tuple = TEACHER_ERROR_RATES) -> tuple:
     """Sample the teacher's step list and final node. Returns ``(steps, final_node, used_stale)``."""
     facts_cur = {k: v for k, s, v in p.facts if s == ":"}
     node, steps, used = p.start, [], False
     for _ in range(p.hops):
         if node == p.trap_key and rng.random() < teacher_error_rate(p, rates):
-            nxt, sep, used = p.trap_value, "~", True
+            fact, used = (node, "~", p.trap_value), True
         else:
-            nxt, sep = facts_cur[node], ":"
-        steps.append(f"{node}>{node}{sep}{nxt}" + (TAG_OLD if sep == "~" else TAG_NEW))
-        node = nxt
+            fact = (node, ":", facts_cur[node])
+        steps.append(format_step(node, fact))
+        node = fact[2]
     return steps, node, used
 
 
@@ -200,13 +230,64 @@ def format_completion(steps: Iterable[str], final: str) -> str:
     return f"{THINK}{body}{END_THINK}{BOX_OPEN}{final}{BOX_CLOSE}"
 
 
-def teacher_completion(p: Problem, rng: random.Random, rates: tuple = (0.25, 0.70)) -> str:
+def teacher_completion(p: Problem, rng: random.Random, rates: tuple = TEACHER_ERROR_RATES) -> str:
     """A teacher completion (without EOS) for ``p``; takes the stale edge at ``teacher_error_rate``.
 
     ``rates=(0, 0)`` gives the perfect teacher.
     """
     steps, final, _ = teacher_trajectory(p, rng, rates)
     return format_completion(steps, final)
+
+
+# The kinds of error a trajectory can contain (see :func:`classify_errors`), in report order.
+ERROR_TYPES = {
+    "stale": "follows the chain node's stale fact (the teacher's designed error)",
+    "misread": "cites a fact the prompt does not list for its node (a blended or invented fact, another node's)",
+    "mistagged": "a tag that disagrees with the cited fact (e.g. a stale fact tagged (new))",
+    "jump": "a step starts on another node than the previous step ended on",
+    "hops": "a number of steps other than the problem's hop count",
+    "answer": "the boxed answer is missing or is not the last step's node",
+    "format": "a step or the completion does not parse",
+}
+
+_STEP_RE = re.compile(r"([a-h])>([a-h])(\((?:new|old)\))([a-h])([:~])([a-h])(\((?:new|old)\))")
+
+
+def classify_errors(p: Problem, completion: str) -> list:
+    """The error types (keys of :data:`ERROR_TYPES`) that ``completion`` contains, each once, in that order.
+
+    An empty list means a well-formed trajectory that follows the current facts, hence a correct answer. A
+    trajectory with errors can still end on the right node (a misread that lands there by chance).
+    """
+    if not completion.startswith(THINK) or END_THINK not in completion:
+        return ["format"]
+    found = set()
+    body = completion[len(THINK) :].split(END_THINK, 1)[0]
+    *steps, rest = body.split(STEP_TEXT)
+    if rest:
+        found.add("format")
+    node = p.start
+    for text in steps:
+        match = _STEP_RE.fullmatch(text)
+        if match is None:
+            found.add("format")
+            continue
+        at, decided_at, decided, key, sep, value, restated = match.groups()
+        fact = (key, sep, value)
+        if at != node or decided_at != at:
+            found.add("jump")
+        if key != at or fact not in p.facts:
+            found.add("misread")
+        elif sep == "~":
+            found.add("stale")
+        if decided != fact_tag(fact) or restated != fact_tag(fact):
+            found.add("mistagged")
+        node = value
+    if len(steps) != p.hops:
+        found.add("hops")
+    if extract_answer(completion) != node:
+        found.add("answer")
+    return [e for e in ERROR_TYPES if e in found]
 
 
 _BOX_RE = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -241,8 +322,8 @@ def build_tokenizer():
     """A tiny in-memory ``PreTrainedTokenizerFast`` for this task (no download).
 
     Tokens: a whole fact ``x:y`` / ``x~y`` (x, y in :data:`NODES`) is ONE token, ``x>`` ("at node x") is
-    one token, ``<think>``, ``</think>``, ``\\boxed{`` and the step separator ``".\\n\\n"`` are one token
-    each, anything else is one token per character.  This keeps every step a pair of one-layer
+    one token, ``<think>``, ``</think>``, ``\\boxed{``, the tags ``(new)`` / ``(old)`` and the step separator
+    ``".\\n\\n"`` are one token each, anything else is one token per character.  This keeps every step a pair of one-layer
     operations for the transformer (copy the previous step's end node at a fixed offset; find the fact
     whose key matches by content), which a tiny model learns in a couple of minutes on one CPU core.
 
@@ -255,7 +336,7 @@ def build_tokenizer():
     specials = [PAD, BOS, EOS, UNK]
     multi = [THINK, END_THINK, BOX_OPEN, STEP_TEXT, TAG_NEW, TAG_OLD]
     facts = [f"{k}{s}{v}" for s in ":~" for k in NODES for v in NODES]
-    keys = [f"{k}>" for k in NODES]
+    keys = [f"{k}>" for k in NODES] + [f"{k}{t}" for k in NODES for t in (TAG_NEW, TAG_OLD)]
     chars = list(NODES) + list("ijklmnopqrstuvwxyz") + list("0123456789") + list(":~?.,=+-*/()[]{}<>|\\ \n")
     vocab = {}
     for t in specials + multi + facts + keys + chars:
@@ -263,7 +344,7 @@ def build_tokenizer():
             vocab[t] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     n = f"[{NODES}]"
-    pattern = "|".join(re.escape(t) for t in multi) + f"|{n}[:~]{n}|{n}>" + r"|[\s\S]"
+    pattern = f"{n}\\((?:new|old)\\)|" + "|".join(re.escape(t) for t in multi) + f"|{n}[:~]{n}|{n}>" + r"|[\s\S]"
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
