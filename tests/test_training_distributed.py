@@ -73,6 +73,8 @@ def worker(output_dir: str) -> None:
         "head_weight": head[0].weight.detach().flatten()[:64].tolist(),
         "head_moved": float((head[0].weight.detach() - initial).abs().max()),
         "sprm_logged": [h["sprm/loss"] for h in trainer.state.log_history if "sprm/loss" in h],
+        "head_grad_norms": [h["sprm/grad_norm"] for h in trainer.state.log_history if "sprm/grad_norm" in h],
+        "policy_grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
         **records,
     }
     rank = state.process_index
@@ -117,6 +119,10 @@ def test_two_process_accelerate_launch(tmp_path):
         local = [r["local_counts"][step] for r in ranks]
         summed = [local[0][i] + local[1][i] for i in range(2)]
         assert ranks[0]["reduced_counts"][step] == summed == ranks[1]["reduced_counts"][step]
+    # The head is clipped on its own after DDP averaged the gradients: both ranks see the same head and policy norms.
+    for key in ("head_grad_norms", "policy_grad_norms"):
+        assert len(ranks[0][key]) == 3 and ranks[0][key] == pytest.approx(ranks[1][key], rel=1e-6)
+    assert ranks[0]["head_grad_norms"] != pytest.approx(ranks[0]["policy_grad_norms"])
     # DDP keeps the head identical on both ranks.
     assert ranks[0]["head_weight"] == pytest.approx(ranks[1]["head_weight"], abs=1e-7)
 
