@@ -68,10 +68,6 @@ class EvalProtocol:
         if self.samples_per_question is not None and self.samples_per_question < 1:
             raise ValueError(f"EvalProtocol {self.name!r}: samples_per_question must be >= 1 or None.")
 
-    def settings_line(self) -> str:
-        """The sampling settings in one line, as printed under the results table."""
-        return _settings_text(asdict(self))
-
 
 def _settings_text(values: dict[str, Any]) -> str:
     top_k = values.get("top_k")
@@ -82,26 +78,23 @@ def _settings_text(values: dict[str, Any]) -> str:
     )
 
 
+_PAPER_PROTOCOL = EvalProtocol(
+    name="paper",
+    temperature=0.6,
+    top_p=0.95,
+    top_k=0,
+    repetition_penalty=1.05,
+    max_new_tokens=32768,
+    samples_per_question=None,
+    description="The official MetaStone-S1 evaluation: sampling settings of the official test scripts, "
+    "32k-token budget, as many candidates as the largest N.",
+)
 EVAL_PROTOCOLS: dict[str, EvalProtocol] = {
-    "paper": EvalProtocol(
-        name="paper",
-        temperature=0.6,
-        top_p=0.95,
-        top_k=0,
-        repetition_penalty=1.05,
-        max_new_tokens=32768,
-        samples_per_question=None,
-        description="The official MetaStone-S1 evaluation: sampling settings of the official test scripts, "
-        "32k-token budget, as many candidates as the largest N.",
-    ),
-    "quick": EvalProtocol(
+    "paper": _PAPER_PROTOCOL,
+    "quick": replace(
+        _PAPER_PROTOCOL,
         name="quick",
-        temperature=0.6,
-        top_p=0.95,
-        top_k=0,
-        repetition_penalty=1.05,
         max_new_tokens=1024,
-        samples_per_question=None,
         description="NOT the paper's protocol: the paper's sampling with a 1024-token budget, for smoke runs; "
         "long reasoning is truncated, so accuracies are lower than the paper's.",
     ),
