@@ -379,7 +379,7 @@ class _Finished:
     order: tuple[int, int]  # (round, slot): candidates are returned in this order
     generated: torch.Tensor
     records: StepRecords
-    log_score: float  # running log score when it stopped (THE mask applied to it)
+    log_score: float  # running log score when it stopped (THE mask applied to it); only kept when pruning
     num_steps: int
     pruned: bool = False
 
@@ -514,10 +514,6 @@ class StepSearch:
             records=records,
         )  # fmt: skip
 
-    def roots(self) -> _Rows:
-        """The prompts, as rows to expand (only before the first [`expand`])."""
-        return self.rows
-
     # -------------------------------------------------------------- forward and sampling
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed every row's last token; returns the next-token logits and the SPRM logit of that position."""
@@ -575,15 +571,21 @@ class StepSearch:
         ended &= self.alive
         cut = (rows.generated >= self.max_new_tokens) & self.alive & ~ended  # cut off by the length limit
         pruned = torch.zeros_like(ended)
-        if self.pruning.active and bool(torch.isin(new_tokens, self.mask_changing_ids).any()):
-            # A candidate cut off by the length limit has not finished: pruning may still mark it.
-            pruned = self._rows_to_prune(running=self.alive & ~ended, finishing=ended)
+        # Running scores rank candidates for pruning, the finished ones included; nothing else needs them.
+        scores = None
+        if self.pruning.active:
+            check = bool(torch.isin(new_tokens, self.mask_changing_ids).any())
+            if check or bool((ended | cut).any()):
+                scores = self.running_log_scores(rows)
+            if check:
+                # A candidate cut off by the length limit has not finished: pruning may still mark it.
+                pruned = self._rows_to_prune(scores, running=self.alive & ~ended, finishing=ended)
         done = (ended | cut) & ~pruned
         parked = at_step & self.alive & ~done & ~pruned
         for i in done.nonzero().flatten().tolist():
-            self._retire(i, pruned=False)
+            self._retire(i, False, scores)
         for i in pruned.nonzero().flatten().tolist():
-            self._retire(i, pruned=True)
+            self._retire(i, True, scores)
         if bool(parked.any()):
             self._park(parked.nonzero().flatten())
         stopped = done | pruned | parked
@@ -597,11 +599,11 @@ class StepSearch:
         else:
             self.alive = self.alive & ~stopped
 
-    def _retire(self, i: int, pruned: bool) -> None:
+    def _retire(self, i: int, pruned: bool, scores: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Move row ``i`` to the finished trajectories (with its running score when pruning needs it)."""
         rows = self.rows
         generated = int(rows.generated[i])
         prompt, node = int(rows.prompt[i]), int(rows.node[i])
-        log_score, count = self.running_log_scores(rows.select(torch.tensor([i], device=rows.prompt.device)))
         self.tree[prompt][node].end = self.prompt_length + generated
         self.tree[prompt][node].status = "pruned" if pruned else "completed"
         self.finished.append(
@@ -611,8 +613,8 @@ class StepSearch:
                 order=(self.round, int(rows.slot[i])),
                 generated=rows.tokens[i, rows.tokens.shape[1] - generated :].clone(),
                 records=rows.records[i],
-                log_score=float(log_score[0]),
-                num_steps=int(count[0]),
+                log_score=float(scores[0][i]) if scores is not None else math.nan,
+                num_steps=int(scores[1][i]) if scores is not None else 0,
                 pruned=pruned,
             )
         )
@@ -737,7 +739,9 @@ class StepSearch:
         return sums / counts.clamp(min=1), counts
 
     # -------------------------------------------------------------- pruning
-    def _rows_to_prune(self, running: torch.Tensor, finishing: torch.Tensor) -> torch.Tensor:
+    def _rows_to_prune(
+        self, scores: tuple[torch.Tensor, torch.Tensor], running: torch.Tensor, finishing: torch.Tensor
+    ) -> torch.Tensor:
         """Running rows to stop: below the threshold, or outside their prompt's ``top_k`` (eligible candidates).
 
         Competitors of a prompt are its rows still decoding and its finished candidates (pruned ones excluded), ranked
@@ -746,7 +750,7 @@ class StepSearch:
         steps yet counts as best).
         """
         rows, pruning = self.rows, self.pruning
-        log_scores, counts = self.running_log_scores(rows)
+        log_scores, counts = scores
         eligible = counts >= pruning.min_steps
         stop = torch.zeros_like(running)
         if pruning.threshold is not None:
