@@ -226,7 +226,7 @@ def convert_official_checkpoint(
             if weight_format == "safetensors":
                 header = headers[source]
                 if _needs_cast(header, target_dtype):
-                    tensors = _rewrite_safetensors_shard(source, staging / name, target_dtype)
+                    tensors = _rewrite_safetensors_shard(source, header, staging / name, target_dtype)
                 else:
                     _link_or_copy(source, staging / name)
                     tensors = {key: (code, _nbytes(code, shape)) for key, (code, shape) in header.items()}
@@ -415,10 +415,12 @@ def _target_code(code: str, target: torch.dtype | None) -> str:
 
 
 def _rewrite_safetensors_shard(
-    source: Path, destination: Path, target: torch.dtype | None
+    source: Path, header: dict[str, tuple[str, list[int]]], destination: Path, target: torch.dtype | None
 ) -> dict[str, tuple[str, int]]:
-    """Cast one safetensors shard into ``destination`` a tensor at a time; returns name -> (dtype code, bytes)."""
-    header = read_safetensors_header(source)  # validated by the safetensors library
+    """Cast one safetensors shard (its ``read_safetensors_header``) into ``destination`` a tensor at a time.
+
+    Returns name -> (dtype code, bytes).
+    """
     data_start, offsets = _tensor_offsets(source)
     names = sorted(header, key=lambda name: offsets[name][0])
     layout = {name: (_target_code(header[name][0], target), header[name][1]) for name in names}
