@@ -209,7 +209,8 @@ SEARCH_LOADER = CLEAN_LOADER.split("\nout = {}\n")[0] + textwrap.dedent(
 def test_search_from_a_remote_code_checkpoint(model, tmp_path):
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
-    assert (folder / "generation_metastone.py").exists() and (folder / "scoring_metastone.py").exists()
+    for name in ("generation_metastone.py", "sampling_metastone.py", "scoring_metastone.py"):
+        assert (folder / name).exists(), name
     ids, mask = PROMPTS
     got = run_without_package(SEARCH_LOADER, tmp_path, str(folder), json.dumps([ids.tolist(), mask.tolist()]))
     for search in ("beam", "dvts"):

@@ -19,12 +19,13 @@ logits processors and stopping criteria are transformers' own; they are composed
 * **Final scores** apply THE step mask ([`sprm_step_token_mask`]) to the finished trajectories, because its span
   rules depend on the whole sequence; they equal ``model.score_trajectories`` on the returned ids up to float noise.
 
-Sampling draws one exponential variate per vocabulary entry and candidate slot, ``argmax(p / q)``, which is exactly
-``torch.multinomial`` over the whole batch: a candidate's tokens do not depend on which other rows are still in
-the batch, so removing stopped rows changes no sample.
+Rows sample through [`RowwiseSampler`] (``sampling_metastone.py``): every logits processor and stopping criterion
+sees each row's own tokens and per-row state, and one exponential variate per vocabulary entry and candidate slot,
+``argmax(p / q)``, is exactly ``torch.multinomial``: a candidate's tokens do not depend on which other rows are
+still in the batch, so removing stopped rows changes no sample.
 
 This file is part of the remote-code set copied into saved checkpoints: it imports only ``torch``, ``transformers``
-and its sibling scoring file; math-verify (for the default answer extractor) is imported lazily.
+and its sibling sampling and scoring files; math-verify (for the default answer extractor) is imported lazily.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.utils import ModelOutput
 from transformers.utils.logging import tqdm
 
+from .sampling_metastone import RowwiseSampler, check_prompt_seeds
 from .scoring_metastone import (
     IncrementalStepRule,
     build_sprm_scores,
@@ -413,6 +415,8 @@ class StepSearch:
         remove_stopped_rows: rows that stop leave the batch and the cache (default). ``False`` keeps them as padding
             until every row stops, like transformers' ``_sample`` (Best-of-N only; to measure what removal saves).
         progress_bar: a tqdm bar over sampled tokens.
+        prompt_seeds: one seed per prompt: each prompt samples from a generator of its own, so its candidates do not
+            depend on the other prompts of the call. ``None``: the global RNG (transformers' samples).
     """
 
     def __init__(
@@ -426,12 +430,15 @@ class StepSearch:
         num_candidates: int,
         remove_stopped_rows: bool = True,
         progress_bar: bool = True,
+        prompt_seeds: Sequence[int] | None = None,
     ):
         self.model = model
         self.n = num_candidates
-        self.processors = logits_processor
         # Length and EOS are per row here (rows have different lengths); the others see each row's tokens.
-        self.criteria = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+        criteria = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+        self.sampler = RowwiseSampler(
+            logits_processor, criteria, input_ids.shape[1], input_ids.shape[0], prompt_seeds, input_ids.device
+        )
         self.remove_stopped_rows = remove_stopped_rows
         device = input_ids.device
         eos = generation_config.eos_token_id
@@ -463,6 +470,8 @@ class StepSearch:
         self.parked: list[_Rows] = []
         self.round = 0
         self.num_slots = self.batch
+        self.slot_base = torch.arange(self.batch, device=device)
+        self.slots_per_prompt = torch.ones(self.batch, dtype=torch.long, device=device)
         self.alive = torch.ones(self.batch, dtype=torch.bool, device=device)
         self.tokens_generated = 0
         self.tokens_processed = 0
@@ -537,11 +546,11 @@ class StepSearch:
     def _sample(self, logits: torch.Tensor, step_logits: torch.Tensor, at_steps: bool) -> None:
         """Sample one token per row, record steps, retire or park the rows that stop."""
         rows = self.rows
-        probs = F.softmax(self.processors(rows.tokens, logits), dim=-1)
-        # `torch.multinomial(probs, 1)` is argmax(probs / q), q ~ Exp(1) drawn for every row of the batch: drawing q
-        # for every slot of the round keeps each row's sample the same whichever rows have left.
-        q = torch.empty((self.num_slots, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1)
-        new_tokens = (probs / q[rows.slot]).argmax(dim=-1)
+        processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive)
+        probs = F.softmax(processed, dim=-1)
+        new_tokens = self.sampler.sample(
+            probs, rows.slot, rows.prompt, self.slot_base, self.slots_per_prompt, self.alive
+        )
         if not self.remove_stopped_rows:
             new_tokens = torch.where(self.alive, new_tokens, self.pad)
         position = self.prompt_length + rows.generated - 1  # score position of the new token
@@ -565,9 +574,7 @@ class StepSearch:
         ended = torch.zeros_like(self.alive)  # ended on its own: EOS, a stop string or criterion
         if self.eos is not None:
             ended |= torch.isin(new_tokens, self.eos)
-        for criterion in self.criteria:
-            verdict = torch.as_tensor(criterion(rows.tokens, None), device=ended.device)
-            ended |= verdict.to(torch.bool).expand_as(ended)
+        ended |= self.sampler.stopped(rows.tokens, rows.prompt, rows.generated, self.alive)
         ended &= self.alive
         cut = (rows.generated >= self.max_new_tokens) & self.alive & ~ended  # cut off by the length limit
         pruned = torch.zeros_like(ended)
@@ -654,6 +661,11 @@ class StepSearch:
         self.round += 1
         self.num_slots = len(self.rows)
         self.rows.slot = torch.arange(self.num_slots, device=fanout.device)
+        # Slots of one prompt are consecutive (rows are kept in prompt order), so a prompt's generator can draw them.
+        self.slots_per_prompt = torch.bincount(self.rows.prompt, minlength=self.batch)
+        self.slot_base = self.slots_per_prompt.cumsum(0) - self.slots_per_prompt
+        if not bool((self.rows.prompt[1:] >= self.rows.prompt[:-1]).all()):
+            raise RuntimeError("Internal error: the search's rows are not in prompt order.")
         if groups is not None:
             self.rows.group = groups
         self.alive = torch.ones(self.num_slots, dtype=torch.bool, device=fanout.device)
@@ -914,6 +926,7 @@ def best_of_n(
     prune_min_steps: int = 3,
     remove_stopped_rows: bool = True,
     progress_bar: bool = True,
+    prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
     """Best-of-N (the paper): N samples per prompt, each decoded to its end, the best-scored one chosen.
@@ -922,7 +935,7 @@ def best_of_n(
     """
     search = StepSearch(
         model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, num_candidates,
-        remove_stopped_rows, progress_bar,
+        remove_stopped_rows, progress_bar, prompt_seeds,
     )  # fmt: skip
     search.pruning = _Pruning(prune_threshold, prune_top_k, prune_min_steps)
     search.expand(torch.full((search.batch,), num_candidates, device=input_ids.device))
@@ -943,6 +956,7 @@ def beam_search(
     answer_extractor: AnswerExtractor | None = None,
     answer_tokenizer: Any | None = None,
     progress_bar: bool = True,
+    prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
     """Beam search over steps: N continuations per round, sampled to the next step; the best M beams survive.
@@ -951,7 +965,7 @@ def beam_search(
     """
     search = StepSearch(
         model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, num_candidates,
-        progress_bar=progress_bar,
+        progress_bar=progress_bar, prompt_seeds=prompt_seeds,
     )  # fmt: skip
     search.expand(torch.full((search.batch,), num_candidates, device=input_ids.device), at_steps=True)
     while (survivors := search.keep_best(search.decode(at_steps=True), beam_width, ranking)) is not None:
@@ -973,6 +987,7 @@ def dvts(
     answer_extractor: AnswerExtractor | None = None,
     answer_tokenizer: Any | None = None,
     progress_bar: bool = True,
+    prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
     """Diverse Verifier Tree Search: N/M independent subtrees, each expanded M ways and continued greedily by score.
@@ -981,7 +996,7 @@ def dvts(
     """
     search = StepSearch(
         model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, num_candidates,
-        progress_bar=progress_bar,
+        progress_bar=progress_bar, prompt_seeds=prompt_seeds,
     )  # fmt: skip
     subtree = torch.arange(num_candidates, device=input_ids.device) // beam_width
     search.expand(
@@ -1061,7 +1076,7 @@ def search_generate(
     prune_min_steps: int = 3,
     remove_stopped_rows: bool = True,
     progress_bar: bool = True,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     **kwargs: Any,
 ) -> SearchOutput:
     r"""Sample N candidates per prompt with a search strategy, score every step online with the SPRM head, pick one.
@@ -1094,8 +1109,11 @@ def search_generate(
         remove_stopped_rows: stopped rows leave the batch and the cache (default). ``False`` (Best-of-N only) keeps
             them as padding until all stop, as transformers' ``_sample`` does; same samples, more compute.
         progress_bar: a tqdm bar over sampled tokens (respects ``transformers`` progress-bar settings).
-        seed: seed the sampling RNG for this call only (the caller's RNG state is restored); with a seed the result
-            is reproducible.
+        seed: an int seeds the sampling RNG for this call only (the caller's RNG state is restored): the result is
+            reproducible, and Best-of-N draws exactly the samples of transformers' ``generate(num_return_sequences=N)``
+            after ``torch.manual_seed(seed)``. A list of one int per prompt gives every prompt a generator of its
+            own: a prompt's candidates are then those of a call with that prompt alone and its seed, whichever
+            prompts share the batch (what an evaluation that batches questions needs).
 
     Returns:
         [`SearchOutput`].
@@ -1184,6 +1202,10 @@ def search_generate(
         arguments["stopping_criteria"] = criteria
         extra["stop_strings"] = None
     extra["do_sample"] = True
+    prompt_seeds = check_prompt_seeds(seed, input_ids.shape[0])
+    if prompt_seeds is not None:
+        options["prompt_seeds"] = prompt_seeds
+        seed = None
     with eval_mode(model), _seeded(seed, model.device):
         return GenerationMixin.generate(
             model,

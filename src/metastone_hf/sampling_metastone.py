@@ -1,0 +1,219 @@
+"""How the rows of a search sample their next token: as transformers' ``generate`` would sample each row.
+
+The search's batch is not the batch transformers' processors were built for. ``generate`` builds logits processors
+and stopping criteria for B prompts, each row holding its prompt (left padded to the batch's prompt width) and then
+the same number of generated tokens. The search turns the B prompts into B x N rows, removes rows as they stop, and
+merges rows of different lengths into one buffer (right aligned, masked columns on the left). [`RowwiseSampler`]
+hands every processor and criterion the batch it expects:
+
+* **Each row's own tokens.** Rows are grouped by their number of generated tokens; a group sees its rows' prompt
+  (with that prompt's original left padding) and generated tokens, never the merge padding. Length-based processors
+  (``min_new_tokens``, ``exponential_decay_length_penalty``, ``forced_eos_token_id``, ...) therefore see each row's
+  own length, and the repetition penalty never sees a padding token.
+* **Per-row state re-sliced to the rows.** Processors whose state is indexed by the batch row get the state of each
+  row's prompt: the repetition penalty's ``prompt_ignore_length`` (the prompts' padding), the prompt index passed to
+  ``prefix_allowed_tokens_fn``. Processors whose per-row state changes from call to call (SynthID watermarking) and
+  classifier-free guidance (which runs a second model pass of its own) are refused with a clear error.
+
+Sampling draws one exponential variate ``q`` per vocabulary entry and candidate slot and takes ``argmax(p / q)``,
+which is exactly ``torch.multinomial``: a row's sample does not depend on which other rows are still in the batch.
+The variates come from one stream for the whole call (the global RNG: the same samples as transformers'
+``generate(num_return_sequences=N)`` under the same seed) or from one generator per prompt (``prompt_seeds``), in
+which case a prompt's candidates do not depend on the other prompts of the call either: batching prompts returns
+what one call per prompt returns.
+
+This file is part of the remote-code set copied into saved checkpoints: it imports only ``torch`` and
+``transformers``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
+from transformers.generation.logits_process import (
+    ClassifierFreeGuidanceLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SynthIDTextWatermarkLogitsProcessor,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
+)
+
+_REFUSED: dict[type, str] = {
+    SynthIDTextWatermarkLogitsProcessor: "SynthID watermarking keeps per-row state across calls (`watermarking_config`)",
+    UnbatchedClassifierFreeGuidanceLogitsProcessor: "classifier-free guidance runs a model pass of its own "
+    "(`guidance_scale`)",
+    ClassifierFreeGuidanceLogitsProcessor: "classifier-free guidance doubles the batch (`guidance_scale`)",
+}
+
+
+def _for_rows(processor: LogitsProcessor, prompts: torch.Tensor) -> LogitsProcessor:
+    """``processor`` with its per-row state taken from each row's prompt (``prompts[i]`` for row ``i``)."""
+    if isinstance(processor, RepetitionPenaltyLogitsProcessor) and isinstance(
+        processor.prompt_ignore_length, torch.Tensor
+    ):
+        sliced = copy.copy(processor)
+        sliced.prompt_ignore_length = processor.prompt_ignore_length.to(prompts.device)[prompts]
+        return sliced
+    if isinstance(processor, PrefixConstrainedLogitsProcessor):
+        sliced = copy.copy(processor)
+        allowed, prompt_of_row = processor._prefix_allowed_tokens_fn, prompts.tolist()
+        sliced._prefix_allowed_tokens_fn = lambda row, tokens: allowed(prompt_of_row[row], tokens)
+        sliced._num_beams = 1
+        return sliced
+    return processor
+
+
+class RowwiseSampler:
+    """transformers' logits processors, stopping criteria and sampling applied to the search's rows.
+
+    Args:
+        logits_processor: what ``generate`` built for the B prompts.
+        stopping_criteria: the criteria to check after every token (the length limit and EOS, which the search
+            applies per row itself, left out).
+        prompt_length: the prompts' (padded) width.
+        prompt_seeds: one seed per prompt for a generator of its own, or ``None`` to draw from the global RNG.
+        device: where the generators live.
+
+    Raises:
+        ValueError: a processor the search cannot apply row by row, or ``prompt_seeds`` of the wrong length.
+    """
+
+    def __init__(
+        self,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: Sequence[StoppingCriteria],
+        prompt_length: int,
+        num_prompts: int,
+        prompt_seeds: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        for processor in logits_processor:
+            for kind, why in _REFUSED.items():
+                if isinstance(processor, kind):
+                    raise ValueError(f"Search generation cannot apply `{type(processor).__name__}`: {why}.")
+        self.processors = list(logits_processor)
+        self.criteria = list(stopping_criteria)
+        self.prompt_length = prompt_length
+        self.generators: list[torch.Generator] | None = None
+        if prompt_seeds is not None:
+            if len(prompt_seeds) != num_prompts:
+                raise ValueError(f"Got {len(prompt_seeds)} seeds for {num_prompts} prompts: pass one seed per prompt.")
+            self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in prompt_seeds]
+
+    def _groups(self, generated: torch.Tensor, alive: torch.Tensor) -> list[tuple[torch.Tensor | None, int]]:
+        """(rows, own width) for each group of live rows with the same number of generated tokens.
+
+        ``None`` stands for "every row" when one group holds them all (no copy is made then).
+        """
+        if bool(alive.all()) and bool((generated == generated[0]).all()):
+            return [(None, self.prompt_length + int(generated[0]))]
+        live = alive.nonzero().flatten()
+        counts = generated[live]
+        return [(live[counts == g], self.prompt_length + int(g)) for g in counts.unique().tolist()]
+
+    def _views(self, tokens: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor, alive: torch.Tensor):
+        width = tokens.shape[1]
+        for index, own in self._groups(generated, alive):
+            rows = tokens if index is None else tokens[index]
+            yield index, rows[:, width - own :], prompt if index is None else prompt[index]
+
+    def process(
+        self,
+        tokens: torch.Tensor,
+        logits: torch.Tensor,
+        prompt: torch.Tensor,
+        generated: torch.Tensor,
+        alive: torch.Tensor,
+    ) -> torch.Tensor:
+        """The processed next-token logits of the live rows (a dead row's are returned as they came).
+
+        Args:
+            tokens: ``[R, W]`` the rows' buffer, right aligned.
+            logits: ``[R, V]`` float32 next-token logits.
+            prompt: ``[R]`` each row's prompt index.
+            generated: ``[R]`` tokens generated by each row (its buffer holds ``prompt_length + generated`` of its own).
+            alive: ``[R]`` rows still decoding.
+        """
+        if not self.processors:
+            return logits
+        out = logits
+        for index, view, prompts in self._views(tokens, prompt, generated, alive):
+            scores = logits if index is None else logits[index]
+            for processor in self.processors:
+                scores = _for_rows(processor, prompts)(view, scores)
+            if index is None:
+                return scores
+            if out is logits:
+                out = logits.clone()
+            out[index] = scores
+        return out
+
+    def stopped(
+        self, tokens: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor, alive: torch.Tensor
+    ) -> torch.Tensor:
+        """``[R]`` rows that a stopping criterion stops, each criterion seeing the rows' own tokens."""
+        stop = torch.zeros_like(alive)
+        if not self.criteria:
+            return stop
+        for index, view, _ in self._views(tokens, prompt, generated, alive):
+            verdict = torch.zeros(view.shape[0], dtype=torch.bool, device=stop.device)
+            for criterion in self.criteria:
+                verdict |= torch.as_tensor(criterion(view, None), device=stop.device).to(torch.bool).expand_as(verdict)
+            if index is None:
+                return verdict & alive
+            stop[index] = verdict
+        return stop & alive
+
+    def sample(
+        self,
+        probs: torch.Tensor,
+        slot: torch.Tensor,
+        prompt: torch.Tensor,
+        slot_base: torch.Tensor,
+        slots_per_prompt: torch.Tensor,
+        alive: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row: ``argmax(probs / q)``, ``q ~ Exp(1)`` drawn for every slot of the round.
+
+        Args:
+            probs: ``[R, V]`` the rows' sampling distributions.
+            slot: ``[R]`` each row's slot in the round (slots of one prompt are consecutive).
+            prompt: ``[R]`` each row's prompt.
+            slot_base / slots_per_prompt: ``[B]`` the first slot and the number of slots of each prompt this round.
+            alive: ``[R]`` rows still decoding; a prompt's generator draws only while it has one.
+        """
+        vocab = probs.shape[-1]
+        if self.generators is None:
+            q = torch.empty((int(slots_per_prompt.sum()), vocab), dtype=probs.dtype, device=probs.device)
+            return (probs / q.exponential_(1)[slot]).argmax(dim=-1)
+        q = torch.ones_like(probs)
+        for b in prompt[alive].unique().tolist():
+            members = (prompt == b).nonzero().flatten()
+            drawn = torch.empty((int(slots_per_prompt[b]), vocab), dtype=probs.dtype, device=probs.device)
+            drawn.exponential_(1, generator=self.generators[b])
+            q[members] = drawn[slot[members] - slot_base[b]]
+        return (probs / q).argmax(dim=-1)
+
+
+def check_prompt_seeds(seed: Any, num_prompts: int) -> list[int] | None:
+    """A list of ``num_prompts`` int seeds from ``seed`` when it is a sequence; ``None`` for an int or ``None``."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return None
+    if isinstance(seed, torch.Tensor):
+        seed = seed.tolist()
+    if not isinstance(seed, Sequence) or isinstance(seed, str):
+        raise ValueError(f"`seed` must be an int, a list of one int per prompt, or None; got {type(seed).__name__}.")
+    seeds = list(seed)
+    if len(seeds) != num_prompts or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(
+            f"`seed` as a list needs one int per prompt ({num_prompts} prompts), got {seed!r}. Pass an int to seed "
+            "the whole call instead."
+        )
+    return seeds
+
+
+__all__ = ["RowwiseSampler", "check_prompt_seeds"]
