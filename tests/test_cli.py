@@ -124,6 +124,25 @@ def test_eval_quick_protocol_with_64_samples(checkpoint, two_questions, tmp_path
     assert summary["metrics"]["bon_sprm@32 (high)"]["mean"] == pytest.approx(two_groups.mean())
 
 
+def test_eval_batches_questions_under_the_paper_protocol(checkpoint, tmp_path, capsys):
+    """Several questions per generate call under the paper's repetition penalty; the records do not depend on it."""
+    data = tmp_path / "five.jsonl"
+    questions = ["one plus one", "two plus two", "three plus one", "five minus two", "two times three"]
+    data.write_text("".join(json.dumps({"question": q, "answer": "2"}) + "\n" for q in questions))
+    records = {}
+    for batch_size in (4, 1):
+        out = tmp_path / f"eval-{batch_size}"
+        code = cli.main(["eval", "--model", checkpoint, "--data", str(data), "--protocol", "paper",
+                         "--batch-size", str(batch_size), "--max-new-tokens", "24", "--output-dir", str(out),
+                         "--no-progress"])  # fmt: skip
+        assert code == 0
+        assert "repetition_penalty=1.05" in capsys.readouterr().out
+        records[batch_size] = json.loads((out / "eval_report.json").read_text())["records"]
+    assert len(records[4]["scores"]) == 5
+    assert sum(score != 0 for row in records[4]["scores"] for score in row) >= 10  # candidates with scored steps
+    assert records[4] == records[1]
+
+
 def test_eval_refuses_samples_that_do_not_split_into_groups(checkpoint, two_questions, capsys):
     base = ["eval", "--model", checkpoint, "--data", two_questions, "--limit", "1", "--max-new-tokens", "2",
             "--no-progress"]  # fmt: skip

@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from metastone_hf.eval_runner import run_best_of_n_eval
 from metastone_hf.evaluation import (
     EVAL_PROTOCOLS,
+    PROMPT_TEMPLATES,
     EvalExample,
     EvalProtocol,
     EvalRecords,
@@ -18,7 +20,6 @@ from metastone_hf.evaluation import (
     load_eval_examples,
     plot_accuracy_vs_n,
     reference_completion,
-    run_best_of_n_eval,
     save_report,
     summarize,
 )
@@ -163,6 +164,7 @@ def test_default_eval_samples_with_the_paper_protocol(recorded_generate):
         "description": EVAL_PROTOCOLS["paper"].description,
         "overridden": [],
         "seed": 0,
+        "prompt_template": PROMPT_TEMPLATES["paper"],
         "generate_kwargs": {},
     }
     assert summarize(records)["protocol"] == records.protocol

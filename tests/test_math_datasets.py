@@ -68,6 +68,7 @@ def fake_hub(monkeypatch):
 def test_registry_names_the_hub_datasets_and_their_fields(data_dir):
     assert {name: (s.hub_id, s.config, s.split) for name, s in MATH_DATASETS.items()} == {
         "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
+        "aime25": ("minyichen/AIME2025", None, "test"),
         "gsm8k": ("openai/gsm8k", "main", "test"),
         "math500": ("HuggingFaceH4/MATH-500", None, "test"),
     }
@@ -272,3 +273,24 @@ def test_training_run_gets_train_and_eval_splits(data_dir, fake_hub, tmp_path, m
     assert [c["split"] for c in calls] == ["train", "test"]
     assert received["train_dataset"].column_names == ["prompt", "solution"] and len(received["train_dataset"]) == 2
     assert len(received["eval_dataset"]) == 5 and received["eval_dataset"][0]["solution"] == "$18$"
+
+
+# Rows shaped like minyichen/AIME2025 on the Hub (its dataset card: ID, Year, Problem Number, problem, answer, Part,
+# question); the problems here are stand-ins, the benchmark's own text is not shipped.
+AIME25_ROWS = [
+    {"ID": f"2025-I-{k}", "Year": 2025, "Problem Number": k, "problem": f"Find the {k}-th value.", "answer": str(7 * k),
+     "Part": "I", "question": f"Find the {k}-th value."}
+    for k in range(1, 4)
+]  # fmt: skip
+
+
+def test_aime25_by_name_from_the_hub_and_from_a_data_dir(fake_hub, tmp_path):
+    calls, served = fake_hub
+    served["minyichen/AIME2025"] = AIME25_ROWS
+    examples = load_eval_examples("aime25")
+    assert calls[-1] == {"path": "minyichen/AIME2025", "name": None, "split": "test"}
+    assert [(e.prompt, e.answer, e.id) for e in examples] == [(r["problem"], r["answer"], r["ID"]) for r in AIME25_ROWS]
+    (tmp_path / "aime25.jsonl").write_text("".join(json.dumps(r) + "\n" for r in AIME25_ROWS))
+    offline = load_eval_examples("aime25", tmp_path)
+    assert [(e.prompt, e.answer, e.id) for e in offline] == [(e.prompt, e.answer, e.id) for e in examples]
+    assert len(calls) == 1  # the data dir never reaches the Hub

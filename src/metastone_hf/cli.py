@@ -181,9 +181,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt else _read_lines(args.prompt_file, "--prompt-file")
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     _set_threads(args.threads, model)
-    from .evaluation import default_prompt_builder
+    from .evaluation import build_prompt_builder
 
-    build = (lambda text: text) if args.raw_prompt else default_prompt_builder(tokenizer, model)
+    build = (lambda text: text) if args.raw_prompt else build_prompt_builder(tokenizer, model, "plain")
     inputs = tokenizer([build(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(
         model.device
     )
@@ -279,24 +279,79 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return run_convert(args)
 
 
+def cmd_eval_processbench(args: argparse.Namespace) -> int:
+    """``metastone eval --data processbench``: the head as a PRM, ProcessBench's first-error metric per split."""
+    from .eval_store import write_json_atomic
+    from .evaluation import build_prompt_builder, resolve_prompt_template
+    from .math_datasets import DatasetDownloadError
+    from .processbench import evaluate_processbench, format_processbench, load_processbench
+
+    template = resolve_prompt_template(args.prompt_template)
+    splits = args.split.split(",") if args.split else None
+    try:
+        traces = load_processbench(args.data_dir or "processbench", splits=splits, limit=args.limit)
+    except DatasetDownloadError as error:
+        raise CLIError(str(error)) from error
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
+    _set_threads(args.threads, model)
+    summary = evaluate_processbench(
+        model,
+        tokenizer,
+        traces,
+        build_prompt_builder(tokenizer, model, template),
+        batch_size=args.batch_size or 8,
+        progress_bar=not args.no_progress,
+    )
+    summary.update(model=str(args.model), data=str(args.data_dir or "Qwen/ProcessBench"), prompt_template=template)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / "processbench_report.json"
+    write_json_atomic(report, summary)
+    print(format_processbench(summary))
+    print(f"\nreport: {report}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.data == "processbench":
+        return cmd_eval_processbench(args)
+    from .eval_runner import EvalPlan, run_evaluation, run_settings
     from .evaluation import (
         EVAL_PROTOCOLS,
+        build_prompt_builder,
         format_table,
         load_eval_examples,
         plot_accuracy_vs_n,
-        run_best_of_n_eval,
+        plot_accuracy_vs_tokens,
+        protocol_record,
+        resolve_prompt_template,
+        resolve_protocol,
         save_report,
-        summarize,
+        summarize_records,
+        tokens_curves,
     )
     from .math_datasets import DatasetDownloadError
 
+    template = resolve_prompt_template(args.prompt_template)
     # The data first: a missing file or an unreachable Hub should not cost a model load.
     try:
         examples = load_eval_examples(args.data, args.data_dir, limit=args.limit, split=args.split)
     except DatasetDownloadError as error:
         raise CLIError(str(error)) from error
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
+    import torch
+    from accelerate import PartialState
+
+    # Without a GPU, accelerate sets up several processes (gloo) only when told to run on the CPU.
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise CLIError(
+            f"{launched} processes were launched but accelerate set up {state.num_processes}; they would write the "
+            "same records. Launch with a multi-process config (e.g. `accelerate launch --multi_gpu "
+            "--num_processes N -m metastone_hf.cli eval ...`)."
+        )
+    device = args.device if args.device is not None or state.num_processes == 1 else str(state.device)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, device)
     _set_threads(args.threads, model)
     presets = model.config.reasoning_effort_presets
     efforts = args.efforts or list(presets)
@@ -308,34 +363,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples = _samples_per_question(
         EVAL_PROTOCOLS[args.protocol].samples_per_question if requested is None else requested, budgets
     )
-    records = run_best_of_n_eval(
-        model,
-        tokenizer,
-        examples,
-        num_samples=samples,
-        protocol=args.protocol,
+    protocol, overridden = resolve_protocol(
+        args.protocol,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress_bar=not args.no_progress,
     )
-    summary = summarize(records, budgets)
-    summary["dataset"] = str(args.data)  # `metastone push` names the benchmark in the model card from it
+    if samples != (protocol.samples_per_question or max(presets.values())):
+        overridden = sorted([*overridden, "samples_per_question"])
+    plan = EvalPlan(protocol, samples, budgets, tuple(dict.fromkeys(args.search)), args.beam_width, args.seed)
+    settings = run_settings(plan, examples, args.model, args.data, template)
     out_dir = Path(args.output_dir)
-    report = save_report(summary, records, out_dir / "eval_report.json")
-    plot = plot_accuracy_vs_n(
-        summary, out_dir / "accuracy_vs_n.png", title=f"{Path(args.model).name} on {Path(str(args.data)).stem}"
+    records = run_evaluation(
+        model,
+        tokenizer,
+        examples,
+        plan,
+        out_dir,
+        settings=settings,
+        prompt_builder=build_prompt_builder(tokenizer, model, template),
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        progress_bar=not args.no_progress,
+        state=state,
     )
+    if torch.distributed.is_initialized():
+        # Torn down here rather than at interpreter exit, where gloo's threads can abort a finished run.
+        torch.distributed.destroy_process_group()
+    if records is None:  # not the main process: the main one writes the report
+        return 0
+    summary = summarize_records(
+        records, budgets, protocol_record(protocol, samples, overridden, args.seed, prompt_template=template)
+    )
+    summary["dataset"] = str(args.data)  # `metastone push` names the benchmark in the model card from it
+    summary["searches"] = list(plan.searches)
+    report = save_report(summary, records, out_dir / "eval_report.json")
+    title = f"{Path(args.model).name} on {Path(str(args.data)).stem}"
+    plots = [
+        plot_accuracy_vs_n(summary, out_dir / "accuracy_vs_n.png", title=title),
+        plot_accuracy_vs_tokens(tokens_curves(summary), out_dir / "accuracy_vs_tokens.png", title=title),
+    ]
     print(format_table(summary))
     used = summary["protocol"]
     # More or fewer samples per question change only the variance of the K-group average, not what it estimates.
     if used["name"] != "paper" or set(used["overridden"]) - {"samples_per_question"}:
         print("note: not the paper's sampling protocol; accuracies are not comparable with the paper's.")
-    print(f"\nreport: {report}\nplot:   {plot}")
+    print(f"\nreport:  {report}\nrecords: {out_dir / 'records.jsonl'}\nplots:   {', '.join(map(str, plots))}")
     return 0
 
 
@@ -461,29 +536,64 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(convert)
     convert.set_defaults(func=cmd_convert)
 
-    ev = sub.add_parser("eval", help="Best-of-N evaluation on a dataset: pass@1, maj@N, BoN-SPRM@N, plot")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluation on a dataset: pass@1, maj@N, BoN-SPRM@N, beam / DVTS, plots; resumable, runs under "
+        "`accelerate launch` over several processes",
+    )
     _add_model_arguments(ev)
     ev.add_argument(
         "--data",
         required=True,
-        help="aime24 | gsm8k | math500 (downloaded from the Hugging Face Hub, or read from --data-dir), or a local "
+        help="aime24 | aime25 | gsm8k | math500 (downloaded from the Hugging Face Hub, or read from --data-dir), "
+        "processbench (the head as a PRM on Qwen/ProcessBench, or on the <split>.json files of --data-dir), or a local "
         ".jsonl / .json / .parquet file or dataset folder (fields: prompt|problem|question, answer)",
     )
     ev.add_argument(
         "--data-dir",
         default=None,
-        help="read a named dataset from this folder instead of the Hub: it holds aime24.jsonl, gsm8k_test.jsonl, "
-        "math500_test.jsonl (or <name>.jsonl)",
+        help="read a named dataset from this folder instead of the Hub: it holds aime24.jsonl, aime25.jsonl, "
+        "gsm8k_test.jsonl, math500_test.jsonl (or <name>.jsonl)",
     )
     ev.add_argument(
         "--split", default=None, help="dataset split (default: the benchmark's; for a local DatasetDict folder)"
     )
     ev.add_argument("--efforts", nargs="+", default=None, help="efforts to report (default: all presets)")
     ev.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N questions only")
-    ev.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="questions per generate call")
+    ev.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=None,
+        help="questions per generate call (default: about 32 rows per call, e.g. 1 question at M = 32); the "
+        "records do not depend on it",
+    )
     _add_protocol_arguments(ev)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--output-dir", default="metastone-eval")
+    ev.add_argument(
+        "--search",
+        nargs="+",
+        choices=["best_of_n", "beam", "dvts"],
+        default=["best_of_n"],
+        help="strategies to evaluate (several allowed): best_of_n samples M once and reports every N from it; "
+        "beam and dvts run one search per question and N",
+    )
+    ev.add_argument("--beam-width", type=POSITIVE_INT, default=None, help="M for beam / dvts (default N/4)")
+    ev.add_argument(
+        "--prompt-template",
+        default="paper",
+        help="user message: 'paper' (default: the question, then 'Please reason step by step, and put your final "
+        "answer within \\boxed{}.'), 'plain' (the question alone), or a text holding {question}; then the chat "
+        "template and <think>",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="question i samples with a seed made of it and i")
+    ev.add_argument(
+        "--output-dir",
+        default="metastone-eval",
+        help="where records.jsonl (one line per finished question), run.json, the report and plots go; re-running "
+        "the same command there resumes",
+    )
+    ev.add_argument(
+        "--overwrite", action="store_true", help="discard the records already in --output-dir and start afresh"
+    )
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

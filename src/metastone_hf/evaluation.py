@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .math_datasets import MATH_DATASETS, gold_answer, load_math_rows
-from .math_datasets import PROMPT_FIELDS as PROMPT_FIELDS  # re-exported for callers of the earlier API
 from .metrics import budget_items, load_evaluate_metric, metric_key
 
 DATASET_FILES = {name: spec.local_file for name, spec in MATH_DATASETS.items()}
@@ -31,7 +30,7 @@ DATASET_FILES = {name: spec.local_file for name, spec in MATH_DATASETS.items()}
 class EvalProtocol:
     """How candidates are sampled for an evaluation: every ``generate`` setting that changes the numbers.
 
-    Registered protocols live in :data:`EVAL_PROTOCOLS`; :func:`run_best_of_n_eval` takes one by name or as an
+    Registered protocols live in :data:`EVAL_PROTOCOLS`; :func:`~metastone_hf.eval_runner.run_best_of_n_eval` takes one by name or as an
     instance, and any of its sampling arguments overrides the protocol's value.
     """
 
@@ -138,13 +137,13 @@ def load_eval_examples(
     *,
     split: str | None = None,
 ) -> list[EvalExample]:
-    """The questions of a registered benchmark (``aime24`` / ``gsm8k`` / ``math500``) or of a local dataset.
+    """The questions of a registered benchmark (``aime24`` / ``aime25`` / ``gsm8k`` / ``math500``) or of a local dataset.
 
     A registered name is downloaded from the Hub with ``datasets`` (see
     :data:`~metastone_hf.math_datasets.MATH_DATASETS` for its id, split and fields), or read from ``data_dir`` when
-    given (a folder holding ``aime24.jsonl``, ``gsm8k_test.jsonl``, ``math500_test.jsonl``). Anything else is a
-    local ``.jsonl`` / ``.json`` / ``.parquet`` file or dataset folder: the prompt is read from the first of
-    ``prompt``, ``problem``, ``question``, the answer from ``answer``. ``split`` overrides the registered split (or
+    given (a folder holding ``aime24.jsonl``, ``aime25.jsonl``, ``gsm8k_test.jsonl``, ``math500_test.jsonl``).
+    Anything else is a local ``.jsonl`` / ``.json`` / ``.parquet`` file or dataset folder: the prompt is read from
+    the first of ``prompt``, ``problem``, ``question``, the answer from ``answer``. ``split`` overrides the registered split (or
     picks one of a local ``DatasetDict``). See :func:`~metastone_hf.math_datasets.load_math_rows` for the errors.
     """
     loaded = load_math_rows(name_or_path, data_dir, split=split, limit=limit)
@@ -172,18 +171,30 @@ def _math_verify() -> Any:
     return math_verify
 
 
-def grade_answer(completion: str, gold: str) -> bool:
-    """Is the completion's final answer (its last ``\\boxed{}``, else its last expression) equal to ``gold``?
+@functools.lru_cache(maxsize=4096)
+def parse_gold(gold: str) -> Any | None:
+    """math-verify's parse of a gold answer (wrapped in ``\\boxed{}`` unless already delimited), or ``None``.
 
-    Both sides go through math-verify's parser with the same settings, so ``\\frac43`` equals ``4/3``.
+    ``None`` when math-verify finds no expression in it: an empty parse, or only its fallback of the raw text (which
+    would make grading a string comparison).
     """
     mv = _math_verify()
     already_delimited = "\\boxed" in gold or re.search(r"(?<!\\)\$", gold) is not None
-    gold_text = gold if already_delimited else f"\\boxed{{{gold}}}"
-    gold_parsed = mv.parse(gold_text)
-    if not gold_parsed:
-        return completion.strip() == gold.strip()
-    return bool(mv.verify(gold_parsed, mv.parse(completion)))
+    parsed = mv.parse(gold if already_delimited else f"\\boxed{{{gold}}}")
+    return parsed if any(not isinstance(item, str) for item in parsed) else None
+
+
+def grade_answer(completion: str, gold: str) -> bool:
+    """Is the completion's final answer (its last ``\\boxed{}``, else its last expression) equal to ``gold``?
+
+    Both sides go through math-verify's parser with the same settings, so ``\\frac43`` equals ``4/3``. A gold answer
+    math-verify cannot parse grades every completion wrong (it is never compared as raw text); evaluations record
+    such questions (``gold_parsed: false``) and count them in the summary.
+    """
+    gold_parsed = parse_gold(gold)
+    if gold_parsed is None:
+        return False
+    return bool(_math_verify().verify(gold_parsed, _math_verify().parse(completion)))
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -208,17 +219,20 @@ def protocol_record(
     overridden: Sequence[str] = (),
     seed: int | None = None,
     generate_kwargs: dict[str, Any] | None = None,
+    prompt_template: str | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready record of a run's sampling: every resolved setting, plus what was overridden.
 
     ``overridden`` lists the settings changed from the named protocol: a run reproduces the ``paper`` protocol
-    exactly when its name is ``"paper"``, ``overridden`` is empty and no other ``generate_kwargs`` were passed.
+    exactly when its name is ``"paper"``, ``overridden`` is empty, no other ``generate_kwargs`` were passed and the
+    prompt template is :data:`PROMPT_TEMPLATES` ``["paper"]`` (recorded as its text; ``None`` when not known).
     Values that are not JSON scalars (logits processors, ...) are recorded by their ``repr``.
     """
     record = asdict(protocol)
     record["samples_per_question"] = int(samples_per_question)
     record["overridden"] = list(overridden)
     record["seed"] = seed
+    record["prompt_template"] = None if prompt_template is None else resolve_prompt_template(prompt_template)
     record["generate_kwargs"] = {
         k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
         for k, v in (generate_kwargs or {}).items()
@@ -226,115 +240,48 @@ def protocol_record(
     return record
 
 
-def run_best_of_n_eval(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[EvalExample],
-    num_samples: int | None = None,
-    *,
-    protocol: str | EvalProtocol = "paper",
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    max_new_tokens: int | None = None,
-    prompt_builder: Callable[[str], str] | None = None,
-    answer_extractor: Callable[[str], str | None] | None = None,
-    grader: Callable[[str, str], bool] = grade_answer,
-    batch_size: int = 1,
-    seed: int = 0,
-    progress_bar: bool = True,
-    keep_completions: bool = False,
-    **generate_kwargs: Any,
-) -> EvalRecords:
-    """Sample ``num_samples`` candidates per question with Best-of-N generate, score, extract and grade them.
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+"""The instruction the evaluated models (DeepSeek-R1-Distill, MetaStone-S1) were trained to see after a math question."""
 
-    Sampling follows ``protocol`` (default ``"paper"``: temperature 0.6, top_p 0.95, no top-k cut, repetition
-    penalty 1.05, up to 32768 new tokens, as many candidates as the largest reasoning-effort N). Every sampling
-    argument left at ``None`` takes the protocol's value; a given one overrides it. The resolved settings are
-    recorded in the returned records' ``protocol``.
+PROMPT_TEMPLATES: dict[str, str] = {
+    "paper": "{question}\n" + PAPER_INSTRUCTION,
+    "plain": "{question}",
+}
+"""User-message templates by name. ``paper`` (the default) is the official evaluation's: the question, a newline, then
+:data:`PAPER_INSTRUCTION` (not added again when the question already ends with it, as the official AIME file's
+prompts do); ``plain`` sends the question as it is."""
 
-    Args:
-        num_samples: candidates per question ``M``; default: the protocol's ``samples_per_question``, else the
-            largest N of ``model.config.reasoning_effort_presets``.
-        protocol: a name in :data:`EVAL_PROTOCOLS` or an :class:`EvalProtocol`.
-        temperature, top_p, top_k, repetition_penalty, max_new_tokens: override the protocol's value.
-        prompt_builder: question text -> model input text (e.g. a chat template). Default: the tokenizer's chat
-            template when it has one, followed by ``<think>\\n`` when the model has a think token; else the text.
-        answer_extractor: completion -> canonical answer for voting; default: the Best-of-N default (``\\boxed``
-            via math-verify).
-        batch_size: questions per generate call (each has ``num_samples`` candidates).
-        generate_kwargs: any other ``generate`` argument (``min_p``, ``stop_strings``, ...).
+
+def resolve_prompt_template(template: str) -> str:
+    """The template text of a name in :data:`PROMPT_TEMPLATES`, or ``template`` itself when it holds ``{question}``."""
+    if template in PROMPT_TEMPLATES:
+        return PROMPT_TEMPLATES[template]
+    if "{question}" not in template:
+        raise ValueError(
+            f"Unknown prompt template {template!r}: give one of {sorted(PROMPT_TEMPLATES)} or a text holding "
+            "`{question}` (e.g. '{question}\\nAnswer in \\\\boxed{{}}.')."
+        )
+    return template
+
+
+def build_prompt_builder(tokenizer: Any, model: Any, template: str = "paper") -> Callable[[str], str]:
+    """Question text -> model input: ``template`` as the user message, inside the chat template, then ``<think>\\n``.
+
+    The chat template is applied when the tokenizer has one; ``<think>\\n`` follows when the model has a think token
+    and the chat template did not already end with it.
     """
-    from tqdm.auto import tqdm
-
-    from .generation_metastone import extract_boxed_answer
-
-    settings, overridden = resolve_protocol(
-        protocol,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        max_new_tokens=max_new_tokens,
-    )
-    default_samples = settings.samples_per_question or max(model.config.reasoning_effort_presets.values())
-    samples = default_samples if num_samples is None else num_samples
-    if samples != default_samples:
-        overridden = sorted([*overridden, "samples_per_question"])
-    extractor = answer_extractor or extract_boxed_answer
-    build = prompt_builder or default_prompt_builder(tokenizer, model)
-    correct, scores, answers, completions = [], [], [], []
-    bar = tqdm(total=len(examples), desc="eval", unit="question", disable=not progress_bar)
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        inputs = tokenizer(
-            [build(e.prompt) for e in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        out = model.generate(
-            **inputs,
-            num_candidates=samples,
-            do_sample=True,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            repetition_penalty=settings.repetition_penalty,
-            max_new_tokens=settings.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            seed=seed + start,
-            progress_bar=False,
-            **generate_kwargs,
-        )
-        prompt_length = inputs["input_ids"].shape[1]
-        for b, example in enumerate(batch):
-            texts = tokenizer.batch_decode(out.candidates[b, :, prompt_length:], skip_special_tokens=True)
-            correct.append([grader(t, example.answer) for t in texts])
-            scores.append(out.log_scores[b].double().exp().cpu().tolist())  # float64: no ties at 1.0
-            answers.append([extractor(t) for t in texts])
-            if keep_completions:
-                completions.append(texts)
-        bar.update(len(batch))
-    bar.close()
-    return EvalRecords(
-        np.array(correct, dtype=float),
-        np.array(scores, dtype=float),
-        answers,
-        completions,
-        protocol=protocol_record(settings, samples, overridden, seed, generate_kwargs),
-    )
-
-
-def default_prompt_builder(tokenizer: Any, model: Any) -> Callable[[str], str]:
-    """Chat template (when the tokenizer has one) + ``<think>\\n`` (when the model has a think token)."""
+    text_template = resolve_prompt_template(template)
     think_id = getattr(model.config, "think_start_token_id", None)
     think = tokenizer.convert_ids_to_tokens(think_id) if think_id is not None else None
 
     def build(question: str) -> str:
-        text = question
+        if text_template == PROMPT_TEMPLATES["paper"] and question.rstrip().endswith(PAPER_INSTRUCTION):
+            text = question
+        else:
+            text = text_template.replace("{question}", question)
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             )
         if think and not text.rstrip().endswith(think):
             text = f"{text}{think}\n"
@@ -362,7 +309,7 @@ def summarize(
     left out of ``metrics`` (its table cells read ``-``).
 
     The summary's ``protocol`` says how the candidates were sampled: ``protocol`` when given, else the records'
-    own (set by :func:`run_best_of_n_eval`); ``None`` when neither is known.
+    own (set by :func:`~metastone_hf.eval_runner.run_best_of_n_eval`); ``None`` when neither is known.
     """
     if isinstance(protocol, EvalProtocol):
         protocol = protocol_record(protocol, records.correct.shape[1])
@@ -393,6 +340,96 @@ def summarize(
     }
 
 
+def records_to_eval_records(records: Sequence[Mapping[str, Any]], protocol: dict | None = None) -> EvalRecords:
+    """The Best-of-N part of question records (see :func:`~metastone_hf.eval_runner.question_records`)."""
+    runs = [r["results"]["best_of_n"] for r in records]
+    return EvalRecords(
+        np.array([run["correct"] for run in runs], dtype=float),
+        np.array([run["scores"] for run in runs], dtype=float),
+        [run["answers"] for run in runs],
+        [run["completions"] for run in runs],
+        protocol=protocol,
+    )
+
+
+def throughput(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per process of each run that wrote records: questions, seconds, tokens generated, tokens/s, peak memory."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((str(record.get("run_id")), int(record.get("rank", 0))), []).append(record)
+    rows = []
+    for (run_id, rank), members in sorted(groups.items()):
+        seconds = float(sum(r["seconds"] for r in members))
+        tokens = int(sum(run["tokens_generated"] for r in members for run in r["results"].values()))
+        rows.append(
+            {
+                "run_id": run_id,
+                "rank": rank,
+                "questions": len(members),
+                "seconds": seconds,
+                "tokens_generated": tokens,
+                "tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
+                "peak_memory_bytes": max(int(r["peak_memory_bytes"]) for r in members),
+            }
+        )
+    return rows
+
+
+SEARCH_METHODS = ("beam", "dvts")
+"""Step-level search strategies reported beside Best-of-N (one search per question and N)."""
+
+
+def summarize_records(
+    records: Sequence[Mapping[str, Any]],
+    budgets: dict[str, int] | Sequence[int],
+    protocol: dict[str, Any] | None = None,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """The summary of an evaluation's question records: :func:`summarize` for Best-of-N, plus the searches.
+
+    Each metric at a budget N carries ``tokens_per_question``, the tokens generated per question to get it (Best-of-N
+    methods: N times the mean candidate length; beam search and DVTS: every branch they sampled), so strategies can
+    be compared at equal budget. Also: ``unparsable_golds`` (questions whose gold answer math-verify cannot parse,
+    graded wrong) and ``throughput`` (per process: seconds, tokens/s, peak memory).
+    """
+    from .metrics import SCALING_METHODS, bootstrap_ci, budget_items, metric_key
+
+    labelled = budget_items(budgets)
+    if records and "best_of_n" in records[0]["results"]:
+        summary = summarize(records_to_eval_records(records, protocol), dict(labelled), confidence)
+        per_candidate = float(np.mean([np.mean(r["results"]["best_of_n"]["tokens"]) for r in records]))
+        n_of = {metric_key(m, n, label): n for m in SCALING_METHODS for label, n in labelled}
+        for key, entry in summary["metrics"].items():
+            entry["tokens_per_question"] = per_candidate * n_of.get(key, 1)
+    else:
+        summary = {
+            "questions": len(records),
+            "samples_per_question": 0,
+            "confidence": confidence,
+            "metrics": {},
+            "sprm_auc": float("nan"),
+            "budgets": dict(labelled),
+            "protocol": protocol,
+        }
+    for search in SEARCH_METHODS:
+        for label, n in labelled:
+            runs = [r["results"].get(f"{search}@{n}") for r in records]
+            if not records or any(run is None for run in runs):
+                continue
+            right = np.array([float(run["correct"][run["chosen"]]) for run in runs])
+            low, high = bootstrap_ci(right, confidence)
+            summary["metrics"][metric_key(search, n, label)] = {
+                "mean": float(right.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "tokens_per_question": float(np.mean([run["tokens_generated"] for run in runs])),
+            }
+    unparsable = [str(r["id"]) for r in records if not r.get("gold_parsed", True)]
+    summary["unparsable_golds"] = {"count": len(unparsable), "ids": unparsable}
+    summary["throughput"] = throughput(records)
+    return summary
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """Markdown table: one row per method, one column per budget N."""
     budgets = list(summary["budgets"].items())
@@ -401,14 +438,27 @@ def format_table(summary: dict[str, Any]) -> str:
     )
     lines = [header, "|---" * (len(budgets) + 1) + "|"]
     metrics = summary["metrics"]
-    p1 = metrics["pass@1"]
-    lines.append("| pass@1 | " + " | ".join(_cell(p1) for _ in budgets) + " |")
-    for method in ("random", "majority", "sprm_vote", "bon_sprm"):
+    if "pass@1" in metrics:
+        lines.append("| pass@1 | " + " | ".join(_cell(metrics["pass@1"]) for _ in budgets) + " |")
+    methods = [m for m in ("random", "majority", "sprm_vote", "bon_sprm", *SEARCH_METHODS)
+               if any(metric_key(m, n, label) in metrics for label, n in budgets)]  # fmt: skip
+    for method in methods:
         cells = []
         for label, n in budgets:
             key = metric_key(method, n, label)
             cells.append(_cell(metrics[key]) if key in metrics else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    costed = [m for m in methods if m in ("bon_sprm", *SEARCH_METHODS)]
+    if any("tokens_per_question" in metrics.get(metric_key(m, n, label), {}) for m in costed for label, n in budgets):
+        lines += ["", "| tokens generated per question | " + " | ".join(f"N={n}" for _, n in budgets) + " |"]
+        lines.append("|---" * (len(budgets) + 1) + "|")
+        for method in costed:
+            cells = []
+            for label, n in budgets:
+                entry = metrics.get(metric_key(method, n, label), {})
+                cells.append(f"{entry['tokens_per_question']:.0f}" if "tokens_per_question" in entry else "-")
+            name = "best_of_n (every N-candidate method)" if method == "bon_sprm" else method
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     auc = summary["sprm_auc"]
     lines.append("")
     lines.append(
@@ -417,6 +467,16 @@ def format_table(summary: dict[str, Any]) -> str:
         + ("n/a" if math.isnan(auc) else f"{auc:.3f}")
     )
     lines.append(protocol_line(summary.get("protocol")))
+    for row in summary.get("throughput") or []:
+        lines.append(
+            f"process {row['rank']} (run {row['run_id']}): {row['questions']} questions in {row['seconds']:.1f} s, "
+            f"{row['tokens_generated']} tokens, {row['tokens_per_second']:.1f} tokens/s, "
+            f"peak memory {row['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
+    unparsable = (summary.get("unparsable_golds") or {}).get("count", 0)
+    if unparsable:
+        ids = ", ".join(summary["unparsable_golds"]["ids"][:10])
+        lines.append(f"WARNING: {unparsable} gold answer(s) math-verify cannot parse, graded wrong (ids: {ids}).")
     return "\n".join(lines)
 
 
@@ -528,19 +588,52 @@ def plot_accuracy_vs_tokens(
     return path
 
 
-def save_report(summary: dict[str, Any], records: EvalRecords, path: str | Path) -> Path:
-    """Write the summary and the raw per-candidate records as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "summary": summary,
-        "records": {
+def tokens_curves(summary: Mapping[str, Any]) -> dict[str, list[dict[str, float]]]:
+    """Accuracy-vs-tokens points of a summary's costed methods, for :func:`plot_accuracy_vs_tokens`."""
+    from .metrics import budget_items, metric_key
+
+    labels = {"bon_sprm": "BoN-SPRM", "majority": "majority", "beam": "beam search", "dvts": "DVTS"}
+    curves: dict[str, list[dict[str, float]]] = {}
+    for method, label in labels.items():
+        points = []
+        for budget, n in budget_items(summary["budgets"]):
+            entry = summary["metrics"].get(metric_key(method, n, budget))
+            if entry is not None and "tokens_per_question" in entry:
+                points.append({"tokens": entry["tokens_per_question"], "n": n, **entry})
+        if points:
+            curves[label] = points
+    return curves
+
+
+def save_report(summary: dict[str, Any], records: EvalRecords | Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write the summary and the per-question results as JSON (atomically: a kill leaves the old file or the new).
+
+    ``records`` are :class:`EvalRecords` or an evaluation's question records; from the latter the report keeps the
+    Best-of-N candidates' ``correct`` / ``scores`` / ``answers`` and, under ``searches``, whether each search's
+    chosen candidate was correct per question (``records.jsonl`` has everything else).
+    """
+    from .eval_store import write_json_atomic
+
+    searches: dict[str, list[bool]] = {}
+    if not isinstance(records, EvalRecords):
+        questions = list(records)
+        for key in questions[0]["results"] if questions else []:
+            if key != "best_of_n":
+                searches[key] = [bool(q["results"][key]["correct"][q["results"][key]["chosen"]]) for q in questions]
+        has_best_of_n = bool(questions) and "best_of_n" in questions[0]["results"]
+        records = records_to_eval_records(questions) if has_best_of_n else None
+    payload: dict[str, Any] = {"summary": summary}
+    if records is not None:
+        payload["records"] = {
             "correct": records.correct.tolist(),
             "scores": [[None if not math.isfinite(s) else s for s in row] for row in records.scores.tolist()],
             "answers": records.answers,
-        },
-    }
-    path.write_text(json.dumps(payload, indent=1, default=_json_default))
+        }
+    if searches:
+        payload["searches"] = searches
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, json.loads(json.dumps(payload, default=_json_default)))
     return path
 
 

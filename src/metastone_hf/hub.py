@@ -148,10 +148,11 @@ def eval_results_from_report(
 ) -> list[EvalResult]:
     """The ``model-index`` results of a ``metastone eval`` report, one ``huggingface_hub.EvalResult`` per metric.
 
-    Accuracies (``pass@1`` and, for every N, ``random@N``, ``majority@N``, ``sprm_vote@N``, ``bon_sprm@N``; the
-    effort is part of the name, as in the report) are given in percent with metric type ``accuracy``; the SPRM AUC
-    (``roc_auc``) as a fraction, and left out when undefined. Each metric's ``args`` record N, the effort, the
-    number of questions and of samples per question, and the bootstrap interval in the metric's unit; its
+    Accuracies (``pass@1`` and, for every N, ``random@N``, ``majority@N``, ``sprm_vote@N``, ``bon_sprm@N``, and
+    ``beam@N`` / ``dvts@N`` when those searches ran; the effort is part of the name, as in the report) are given in
+    percent with metric type ``accuracy``; the SPRM AUC (``roc_auc``) as a fraction, and left out when undefined.
+    Each metric's ``args`` record N, the effort, the number of questions and of samples per question, the tokens
+    generated per question (when the report has them) and the bootstrap interval in the metric's unit; its
     ``config`` names the sampling protocol (with the settings that were overridden, if any).
 
     Args:
@@ -205,6 +206,8 @@ def eval_results_from_report(
             args["n"] = int(match["n"])
             if match["effort"]:
                 args["reasoning_effort"] = match["effort"]
+        if entry.get("tokens_per_question") is not None:
+            args["tokens_per_question"] = round(float(entry["tokens_per_question"]), 1)
         low, high = entry.get("ci_low"), entry.get("ci_high")
         if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
             args["confidence_interval"] = [round(100 * float(low), 2), round(100 * float(high), 2)]

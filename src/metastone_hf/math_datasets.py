@@ -66,6 +66,18 @@ MATH_DATASETS: dict[str, MathDatasetSpec] = {
         local_file="aime24.jsonl",
         title="AIME 2024",
     ),
+    "aime25": MathDatasetSpec(
+        name="aime25",
+        hub_id="minyichen/AIME2025",
+        config=None,
+        split="test",
+        train_split="test",
+        prompt_field="problem",
+        answer_field="answer",
+        id_field="ID",
+        local_file="aime25.jsonl",
+        title="AIME 2025",
+    ),
     "gsm8k": MathDatasetSpec(
         name="gsm8k",
         hub_id="openai/gsm8k",
@@ -181,7 +193,7 @@ def load_math_rows(
             ``datasets``' ``save_to_disk``, or of a folder holding one such file (or ``<split>.<ext>``). A string is
             a name when it is registered; a ``Path`` is always a path (``./gsm8k`` also is).
         data_dir: a folder holding the registered benchmarks' files (``math500_test.jsonl``, ``gsm8k_test.jsonl``,
-            ``aime24.jsonl``, or ``<name>.jsonl``); only used with a name.
+            ``aime24.jsonl``, ``aime25.jsonl``, or ``<name>.jsonl``); only used with a name.
         split: the split to read: of the Hub dataset (default: the registered benchmark split), of a
             ``DatasetDict`` folder (default ``test``, or its only split), or the ``<split>.<ext>`` file of a
             folder holding several.

@@ -47,7 +47,7 @@ it, then ``</think>`` and the boxed answer.
 
 Public API: :func:`make_problem`, :func:`make_split`, :func:`teacher_completion`,
 :func:`format_prompt`, :func:`extract_answer`, :func:`reward`, :func:`reward_fn`,
-:func:`build_tokenizer`, :func:`fact_tag`, :func:`classify_errors`, constants :data:`STEP_TEXT`, :data:`THINK`,
+:func:`build_tokenizer`, :func:`fact_tag`, :func:`classify_errors`, :func:`processbench_trace`, constants :data:`STEP_TEXT`, :data:`THINK`,
 :data:`END_THINK`, :data:`ERROR_TYPES`.
 Imports only the standard library at module level; ``transformers``/``tokenizers`` lazily.
 """
@@ -240,6 +240,27 @@ def teacher_completion(p: Problem, rng: random.Random, rates: tuple = TEACHER_ER
 
 
 # The kinds of error a trajectory can contain (see :func:`classify_errors`), in report order.
+def processbench_trace(p: Problem, erroneous: bool) -> dict:
+    """A ProcessBench-format row for ``p`` whose first wrong paragraph is known.
+
+    The paragraphs are the steps of the perfect teacher, each ending with a full stop (so ``"\\n\\n".join`` writes
+    the step token after it), then the boxed answer. ``erroneous=True`` takes the stale edge at the trap node and
+    continues correctly from the wrong node, so the first wrong paragraph is the trap's hop (``label``); otherwise
+    every paragraph is right (``label = -1``). ``problem`` is the prompt followed by ``<think>``, as the model reads it.
+    """
+    facts_cur = {k: v for k, s, v in p.facts if s == ":"}
+    node, steps, label = p.start, [], -1
+    for hop in range(p.hops):
+        if erroneous and node == p.trap_key and label == -1:
+            fact, label = (node, "~", p.trap_value), hop
+        else:
+            fact = (node, ":", facts_cur[node])
+        steps.append(format_step(node, fact) + ".")
+        node = fact[2]
+    steps.append(f"{BOX_OPEN}{node}{BOX_CLOSE}")
+    return {"id": f"demo-{p.uid}-{int(erroneous)}", "problem": p.prompt + THINK, "steps": steps, "label": label}
+
+
 ERROR_TYPES = {
     "stale": "follows the chain node's stale fact (the teacher's designed error)",
     "misread": "cites a fact the prompt does not list for its node (a blended or invented fact, another node's)",

@@ -1,0 +1,413 @@
+"""Running an evaluation: questions through ``generate`` with every search strategy, over processes, resumable.
+
+:func:`question_records` samples a list of questions in batches and yields one JSON-ready record per question:
+for Best-of-N the ``M`` candidates every N is computed from (the official K-groups-of-N metric), for beam search and
+DVTS one search per N, each with its candidates' texts, SPRM scores, step scores, answers, correctness and tokens.
+:func:`run_evaluation` spreads the questions over the processes of an ``accelerate launch`` and keeps every finished
+question in an :class:`~metastone_hf.eval_store.EvalStore`, so a killed run resumes where it stopped.
+
+Each question samples from a generator seeded with ``question_seed(seed, index)`` only, so its record is the same
+whatever the batch size, the number of processes, or which questions a resumed run still had to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .eval_store import EvalStore
+from .evaluation import (
+    EvalExample,
+    EvalProtocol,
+    EvalRecords,
+    build_prompt_builder,
+    grade_answer,
+    parse_gold,
+    protocol_record,
+    records_to_eval_records,
+    resolve_protocol,
+)
+
+SEARCHES = ("best_of_n", "beam", "dvts")
+"""The strategies an evaluation can run: ``generate(search=...)``."""
+
+ROWS_PER_CALL = 32
+"""Default number of rows (questions x candidates) per ``generate`` call: sensible for a 7B model with long
+reasoning on one 80 GB GPU, and more than enough to keep a CPU busy."""
+
+
+def question_seed(seed: int, index: int) -> int:
+    """The sampling seed of question ``index`` in a run with ``seed``: a function of those two only."""
+    return (seed * 1_000_003 + index) % 2**63
+
+
+def default_batch_size(samples: int) -> int:
+    """Questions per ``generate`` call so that a call holds about :data:`ROWS_PER_CALL` rows."""
+    return max(1, ROWS_PER_CALL // max(1, samples))
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What an evaluation samples for each question.
+
+    Args:
+        protocol: the resolved sampling protocol.
+        samples: ``M``, the Best-of-N candidates per question (every N of ``budgets`` is computed from them).
+        budgets: ``{label: N}`` the budgets reported.
+        searches: the strategies run (``"best_of_n"`` samples ``M`` once; ``"beam"`` / ``"dvts"`` search once per N).
+        beam_width: M of beam search / DVTS (``None``: generate's default, ``max(1, N // 4)``).
+        seed: the run's seed; question ``i`` uses ``question_seed(seed, i)``.
+    """
+
+    protocol: EvalProtocol
+    samples: int
+    budgets: dict[str, int]
+    searches: tuple[str, ...] = ("best_of_n",)
+    beam_width: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.searches if s not in SEARCHES]
+        if unknown or not self.searches:
+            raise ValueError(f"Unknown search strategies {unknown}; valid: {list(SEARCHES)}.")
+        if self.beam_width is not None:
+            bad = [n for n in self.budgets.values() if n % self.beam_width]
+            if bad and any(s != "best_of_n" for s in self.searches):
+                raise ValueError(f"--beam-width {self.beam_width} does not divide N = {bad}; choose one that does.")
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """``(key, search, N)`` of every ``generate`` call made per batch of questions."""
+        runs = [("best_of_n", "best_of_n", self.samples)] if "best_of_n" in self.searches else []
+        for search in self.searches:
+            if search != "best_of_n":
+                runs += [(f"{search}@{n}", search, n) for n in sorted(set(self.budgets.values()))]
+        return runs
+
+
+def _question_hash(examples: Sequence[EvalExample]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.id, example.prompt, example.answer]).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_settings(plan: EvalPlan, examples: Sequence[EvalExample], model: str, data: str, prompt_template: str) -> dict:
+    """Every setting that changes an evaluation's numbers: what a resumed run must share with the first one."""
+    return {
+        "model": str(model),
+        "data": {"source": str(data), "questions": len(examples), "sha256": _question_hash(examples)},
+        "protocol": protocol_record(plan.protocol, plan.samples),
+        "budgets": plan.budgets,
+        "searches": list(plan.searches),
+        "beam_width": plan.beam_width,
+        "seed": plan.seed,
+        "prompt_template": prompt_template,
+    }
+
+
+def _peak_memory_bytes(device: Any) -> int:
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _tokens_per_prompt(out: Any) -> list[int]:
+    """Tokens sampled for each prompt, every branch included (the segments of its search tree)."""
+    return [sum(node.end - node.start for node in tree[1:]) for tree in out.search_tree]
+
+
+def _candidates(
+    out: Any, b: int, prompt_length: int, tokenizer: Any, extractor: Callable, grade: Callable[[str], bool | None]
+) -> dict[str, Any]:
+    texts = tokenizer.batch_decode(out.candidates[b, :, prompt_length:], skip_special_tokens=True)
+    answers = [extractor(t) for t in texts]
+    return {
+        "completions": texts,
+        "scores": out.log_scores[b].double().exp().cpu().tolist(),  # float64: no ties at 1.0
+        "step_scores": [s.cpu().tolist() for s in out.step_scores[b]],
+        "answers": [None if a is None else str(a) for a in answers],
+        "correct": [bool(grade(t)) for t in texts],
+        "tokens": out.num_generated_tokens[b].cpu().tolist(),
+        "chosen": int(out.chosen_index[b]),
+    }
+
+
+def question_records(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[EvalExample],
+    indices: Sequence[int],
+    plan: EvalPlan,
+    *,
+    prompt_builder: Callable[[str], str],
+    answer_extractor: Callable[[str], Any] | None = None,
+    grader: Callable[[str, str], bool] = grade_answer,
+    batch_size: int | None = None,
+    progress_bar: bool = True,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Sample, score, extract and grade questions ``indices`` of ``examples``; one record per question, in order.
+
+    A record holds the question (``index``, ``id``, ``gold``, ``gold_parsed``) and, under ``results``, one entry per
+    run of ``plan.runs()`` (``"best_of_n"``, ``"beam@8"``, ...) with every candidate's ``completions``, ``scores``,
+    ``step_scores``, ``answers``, ``correct``, ``tokens``, the ``chosen`` index and ``tokens_generated`` (all
+    branches). A gold answer math-verify cannot parse is recorded as ``gold_parsed: false`` and graded wrong (never
+    compared as raw text).
+    """
+    from tqdm.auto import tqdm
+
+    from .generation_metastone import extract_boxed_answer
+
+    extractor = answer_extractor or extract_boxed_answer
+    settings = plan.protocol
+    batch_size = batch_size or default_batch_size(plan.samples)
+    runs = plan.runs()
+    bar = tqdm(total=len(indices), desc="eval", unit="question", disable=not progress_bar, dynamic_ncols=True)
+    started, generated_total = time.perf_counter(), 0
+    for start in range(0, len(indices), batch_size):
+        batch = list(indices[start : start + batch_size])
+        batch_started = time.perf_counter()
+        inputs = tokenizer(
+            [prompt_builder(examples[i].prompt) for i in batch],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        prompt_length = inputs["input_ids"].shape[1]
+        golds = [parse_gold(examples[i].answer) is not None for i in batch]
+        results: list[dict[str, Any]] = [{} for _ in batch]
+        for key, search, n in runs:
+            options: dict[str, Any] = {"search": search}
+            if search != "best_of_n" and plan.beam_width is not None:
+                options["beam_width"] = plan.beam_width
+            out = model.generate(
+                **inputs,
+                num_candidates=n,
+                do_sample=True,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                repetition_penalty=settings.repetition_penalty,
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                seed=[question_seed(plan.seed, i) for i in batch],
+                progress_bar=False,
+                **options,
+                **(generate_kwargs or {}),
+            )
+            spent = _tokens_per_prompt(out)
+            for b, i in enumerate(batch):
+                gold = examples[i].answer
+                result = _candidates(
+                    out, b, prompt_length, tokenizer, extractor, lambda t, g=gold, ok=golds[b]: ok and grader(t, g)
+                )
+                results[b][key] = {"search": search, "n": n, **result, "tokens_generated": spent[b]}
+                generated_total += spent[b]
+        seconds = (time.perf_counter() - batch_started) / len(batch)
+        for b, i in enumerate(batch):
+            yield {
+                "index": i,
+                "id": examples[i].id,
+                "gold": examples[i].answer,
+                "gold_parsed": golds[b],
+                "results": results[b],
+                "seconds": seconds,
+                "peak_memory_bytes": _peak_memory_bytes(model.device),
+            }
+        bar.update(len(batch))
+        elapsed = time.perf_counter() - started
+        bar.set_postfix_str(f"{generated_total / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+    bar.close()
+
+
+def run_best_of_n_eval(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[EvalExample],
+    num_samples: int | None = None,
+    *,
+    protocol: str | EvalProtocol = "paper",
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    max_new_tokens: int | None = None,
+    prompt_builder: Callable[[str], str] | None = None,
+    prompt_template: str = "paper",
+    answer_extractor: Callable[[str], str | None] | None = None,
+    grader: Callable[[str, str], bool] = grade_answer,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress_bar: bool = True,
+    keep_completions: bool = False,
+    **generate_kwargs: Any,
+) -> EvalRecords:
+    """Sample ``num_samples`` candidates per question with Best-of-N generate, score, extract and grade them (in memory).
+
+    Sampling follows ``protocol`` (default ``"paper"``: temperature 0.6, top_p 0.95, no top-k cut, repetition
+    penalty 1.05, up to 32768 new tokens, as many candidates as the largest reasoning-effort N). Every sampling
+    argument left at ``None`` takes the protocol's value; a given one overrides it. The resolved settings are
+    recorded in the returned records' ``protocol``. For runs that must survive a kill, spread over processes or
+    compare search strategies, use :func:`run_evaluation`.
+
+    Args:
+        num_samples: candidates per question ``M``; default: the protocol's ``samples_per_question``, else the
+            largest N of ``model.config.reasoning_effort_presets``.
+        protocol: a name in :data:`~metastone_hf.evaluation.EVAL_PROTOCOLS` or an ``EvalProtocol``.
+        temperature, top_p, top_k, repetition_penalty, max_new_tokens: override the protocol's value.
+        prompt_builder: question text -> model input text; default: ``prompt_template`` (see
+            :func:`~metastone_hf.evaluation.build_prompt_builder`).
+        prompt_template: a name in :data:`~metastone_hf.evaluation.PROMPT_TEMPLATES` or a string with
+            ``{question}``; ignored when ``prompt_builder`` is given.
+        answer_extractor: completion -> canonical answer for voting; default: the Best-of-N default (``\\boxed``
+            via math-verify).
+        batch_size: questions per generate call; default: about :data:`ROWS_PER_CALL` rows per call. Question ``i``
+            samples from a generator of its own (``question_seed(seed, i)``): the records do not depend on it.
+        generate_kwargs: any other ``generate`` argument (``min_p``, ``stop_strings``, ...).
+    """
+    settings, overridden = resolve_protocol(
+        protocol,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens,
+    )
+    default_samples = settings.samples_per_question or max(model.config.reasoning_effort_presets.values())
+    samples = default_samples if num_samples is None else num_samples
+    if samples != default_samples:
+        overridden = sorted([*overridden, "samples_per_question"])
+    plan = EvalPlan(settings, samples, {str(samples): samples}, ("best_of_n",), seed=seed)
+    records = list(
+        question_records(
+            model,
+            tokenizer,
+            examples,
+            range(len(examples)),
+            plan,
+            prompt_builder=prompt_builder or build_prompt_builder(tokenizer, model, prompt_template),
+            answer_extractor=answer_extractor,
+            grader=grader,
+            batch_size=batch_size,
+            progress_bar=progress_bar,
+            generate_kwargs=generate_kwargs,
+        )
+    )
+    result = records_to_eval_records(
+        records, protocol_record(settings, samples, overridden, seed, generate_kwargs, prompt_template)
+    )
+    if not keep_completions:
+        result.completions = []
+    return result
+
+
+def _distributed_state() -> Any:
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def run_evaluation(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[EvalExample],
+    plan: EvalPlan,
+    output_dir: str | Path,
+    *,
+    settings: dict[str, Any],
+    prompt_builder: Callable[[str], str],
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    progress_bar: bool = True,
+    state: Any | None = None,
+    poll_seconds: float = 2.0,
+) -> list[dict[str, Any]] | None:
+    """Evaluate every question not yet in ``output_dir``, spread over the processes; return all records on the main one.
+
+    The main process checks (or writes) ``settings`` in the folder first: a folder holding a run with other
+    settings is refused (:class:`~metastone_hf.eval_store.ResumeMismatchError`) unless ``overwrite``. Then every
+    process takes its share of the questions still missing (``PartialState.split_between_processes``) and appends
+    each finished question's record to its own file. The main process waits until every process has finished its
+    share, merges the files into ``records.jsonl`` and returns every record in question order; the other processes
+    return ``None``. Under several nodes, ``output_dir`` must be a folder every node sees.
+
+    Args:
+        state: accelerate's ``PartialState`` (default: the current one; one process without ``accelerate launch``).
+        poll_seconds: how often the main process looks for the others' completion markers.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    state = state or _distributed_state()
+    rank, world = state.process_index, state.num_processes
+    store = EvalStore(output_dir, rank, world)
+    # The main process checks the folder; the others learn the outcome (an error, or the run's id) from it.
+    outcome: list[Any] = [None, uuid.uuid4().hex[:12]]
+    refusal: Exception | None = None
+    if state.is_main_process:
+        try:
+            if store.prepare(settings, overwrite=overwrite):
+                print(f"resuming the evaluation in {store.folder}", file=sys.stderr)
+            store.clear_markers()
+        except Exception as caught:
+            refusal, outcome[0] = caught, f"{type(caught).__name__}: {caught}"
+    if world > 1:
+        state.wait_for_everyone()
+        broadcast_object_list(outcome, from_process=0)
+    if refusal is not None:
+        raise refusal
+    if outcome[0] is not None:
+        raise RuntimeError(f"The main process refused the evaluation: {outcome[0]}")
+    run_id = outcome[1]
+    done = store.load()
+    todo = [i for i in range(len(examples)) if i not in done]
+    with state.split_between_processes(todo) as mine:
+        mine = list(mine)
+    store.open_for_append()
+    for record in question_records(
+        model,
+        tokenizer,
+        examples,
+        mine,
+        plan,
+        prompt_builder=prompt_builder,
+        batch_size=batch_size,
+        progress_bar=progress_bar and state.is_main_process,
+    ):
+        store.append({**record, "rank": rank, "world_size": world, "run_id": run_id})
+    store.marker(run_id, rank).write_text("done\n")
+    if not state.is_main_process:
+        return None
+    while not all(store.marker(run_id, r).exists() for r in range(world)):
+        time.sleep(poll_seconds)
+    records = store.load()
+    missing = [i for i in range(len(examples)) if i not in records]
+    if missing:
+        raise RuntimeError(f"Questions {missing[:10]} have no record after every process finished.")
+    store.consolidate(records.values())
+    store.clear_markers()
+    return [records[i] for i in range(len(examples))]
+
+
+__all__ = [
+    "ROWS_PER_CALL",
+    "SEARCHES",
+    "EvalPlan",
+    "default_batch_size",
+    "question_records",
+    "question_seed",
+    "run_best_of_n_eval",
+    "run_evaluation",
+    "run_settings",
+]
