@@ -1,8 +1,8 @@
 """The demo's SPRM head as a process reward model, measured with ProcessBench's metric on synthetic traces.
 
 Held-out demo problems are written as ProcessBench rows (:func:`metastone_hf.demo.task.processbench_trace`): half
-with every step right (label -1), half taking the stale edge at the trap node (label = that step), the rest
-continuing correctly. The traces are scored by ``metastone_hf.processbench.evaluate_processbench`` exactly as
+with every step right (label -1), half taking the stale edge at the trap node (label = that step) and continuing
+correctly from the wrong node. The traces are scored by ``metastone_hf.processbench.evaluate_processbench`` exactly as
 ``metastone eval --data processbench`` scores the real benchmark: error accuracy, correct accuracy and their
 harmonic mean F1, at threshold 0.5 and at the threshold tuned on the even-position half (measured on the odd one).
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from metastone_hf.demo import task
-from metastone_hf.demo.pipeline import DemoConfig, build_demo_model, run_grpo_sprm, run_sft
+from metastone_hf.demo.pipeline import trained_demo_model
 from metastone_hf.processbench import ProcessBenchTrace, evaluate_processbench, format_processbench
 
 
@@ -35,28 +34,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def trained_model(args: argparse.Namespace):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.checkpoint is None:
-        config = DemoConfig(seed=args.seed)
-        tokenizer = task.build_tokenizer()
-        model = build_demo_model(tokenizer, config)
-        start = time.perf_counter()
-        run_sft(model, tokenizer, config, progress=False)
-        with tempfile.TemporaryDirectory() as work_dir:
-            run_grpo_sprm(model, tokenizer, config, Path(work_dir), progress=False)
-        print(f"trained the demo model in {time.perf_counter() - start:.0f}s (seed {args.seed})")
-        return model.eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
-    return model, AutoTokenizer.from_pretrained(args.checkpoint)
-
-
 def main() -> None:
     args = parse_args()
-    model, tokenizer = trained_model(args)
+    start = time.perf_counter()
+    model, tokenizer = trained_demo_model(args.checkpoint, args.seed)
+    if args.checkpoint is None:
+        print(f"trained the demo model in {time.perf_counter() - start:.0f}s (seed {args.seed})")
     problems = task.make_split("test", args.problems, seed=args.seed)
-    rows = [task.processbench_trace(p, erroneous=(i % 2 == 1)) for i, p in enumerate(problems)]
+    # Erroneous at positions 1, 2 mod 4: both halves of the tuned threshold (even / odd positions) hold both kinds.
+    rows = [task.processbench_trace(p, erroneous=i % 4 in (1, 2)) for i, p in enumerate(problems)]
     traces = [ProcessBenchTrace(r["id"], r["problem"], r["steps"], r["label"]) for r in rows]
     start = time.perf_counter()
     summary = evaluate_processbench(model, tokenizer, {"demo": traces}, lambda problem: problem, progress_bar=False)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from metastone_hf.demo import task
-from metastone_hf.demo.pipeline import DemoConfig, build_demo_model, run_grpo_sprm, run_sft
+from metastone_hf.demo.pipeline import trained_demo_model
 
 STRATEGIES = {
     "best_of_n": lambda n: {"search": "best_of_n"},
@@ -55,24 +54,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def trained_model(args: argparse.Namespace):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from metastone_hf.hub import save_checkpoint
 
+    start = time.perf_counter()
+    model, tokenizer = trained_demo_model(args.checkpoint, args.seed)
     if args.checkpoint is None:
-        config = DemoConfig(seed=args.seed)
-        tokenizer = task.build_tokenizer()
-        model = build_demo_model(tokenizer, config)
-        start = time.perf_counter()
-        run_sft(model, tokenizer, config, progress=False)
-        with tempfile.TemporaryDirectory() as work_dir:
-            run_grpo_sprm(model, tokenizer, config, Path(work_dir), progress=False)
         print(f"trained the demo model in {time.perf_counter() - start:.0f}s")
         if args.save_checkpoint:
             save_checkpoint(model, args.save_checkpoint, tokenizer, overwrite=True)
-        return model.eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
-    return model, AutoTokenizer.from_pretrained(args.checkpoint)
+    return model, tokenizer
 
 
 def run(model, tokenizer, problems, n: int, seed: int, batch_size: int, **options) -> dict:

@@ -368,7 +368,7 @@ def run_evaluation(
     if refusal is not None:
         raise refusal
     if outcome[0] is not None:
-        raise RuntimeError(f"The main process refused the evaluation: {outcome[0]}")
+        raise ValueError(f"The main process refused the evaluation: {outcome[0]}")
     run_id = outcome[1]
     done = store.load()
     todo = [i for i in range(len(examples)) if i not in done]

@@ -281,7 +281,7 @@ def format_processbench(summary: dict[str, Any]) -> str:
         tuned = entry["tuned"]
         lines.append(
             f"| {split} | {entry['traces']} | {fixed['threshold']:g} | {fixed['error_acc']:.1f} | "
-            f"{fixed['correct_acc']:.1f} | {fixed['f1']:.1f} | {tuned['threshold']:.3f} | {tuned['error_acc']:.1f} | "
+            f"{fixed['correct_acc']:.1f} | {fixed['f1']:.1f} | {tuned['threshold']:.4g} | {tuned['error_acc']:.1f} | "
             f"{tuned['correct_acc']:.1f} | {tuned['f1']:.1f} |"
         )
     lines.append("")

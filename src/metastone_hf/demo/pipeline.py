@@ -202,6 +202,25 @@ def run_grpo_sprm(model: Any, tokenizer: Any, config: DemoConfig, work_dir: Path
     return [{"sprm_head_bias_shift": shift}] + [h for h in trainer.state.log_history if "loss" in h]
 
 
+def trained_demo_model(checkpoint: str | Path | None = None, seed: int = 0) -> tuple[Any, Any]:
+    """The demo's model and tokenizer: loaded from a ``metastone demo`` checkpoint, or trained now (SFT, then GRPO +
+    SPR loss, as the demo does) when ``checkpoint`` is ``None``. Returned in eval mode."""
+    if checkpoint is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
+        return model.eval(), AutoTokenizer.from_pretrained(checkpoint)
+    import tempfile
+
+    config = DemoConfig(seed=seed)
+    tokenizer = task.build_tokenizer()
+    model = build_demo_model(tokenizer, config)
+    run_sft(model, tokenizer, config, progress=False)
+    with tempfile.TemporaryDirectory() as work_dir:
+        run_grpo_sprm(model, tokenizer, config, Path(work_dir), progress=False)
+    return model.eval(), tokenizer
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 # Step-level searches evaluated beside Best-of-N: generate's strategies with their default beam width M = N/4.
 SEARCHES = {"beam": "beam search over steps", "dvts": "DVTS"}
