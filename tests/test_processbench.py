@@ -135,3 +135,22 @@ def test_demo_traces_have_a_known_first_wrong_step_and_one_step_per_paragraph():
         assert wrong["steps"][-1] == f"\\boxed{{{problem.wrong_answer}}}"
         tokens = trace_tokens(tokenizer, config, wrong["problem"], wrong["steps"])
         assert tokens.paragraph_step == [*range(problem.hops), None]  # each step its own; the answer unscored
+
+
+def test_processbench_from_the_hub_and_from_a_saved_dataset(data_dir, tmp_path, monkeypatch):
+    import datasets
+
+    rows = json.loads((data_dir / "processbench" / "math.json").read_text())[:5]
+    calls = []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    from_hub = load_processbench("processbench", splits=["math", "omnimath"])
+    assert calls == [("Qwen/ProcessBench", "math"), ("Qwen/ProcessBench", "omnimath")]
+    assert [t.label for t in from_hub["math"]] == [r["label"] for r in rows]
+    datasets.DatasetDict({"math": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    saved = load_processbench(tmp_path / "saved")
+    assert list(saved) == ["math"] and saved["math"] == from_hub["math"]

@@ -79,7 +79,8 @@ def load_processbench(
 
     Args:
         source: ``"processbench"`` (downloaded from the Hub, ``Qwen/ProcessBench``), a folder holding
-            ``<split>.json`` / ``<split>.jsonl`` files, or one such file (its name is the split).
+            ``<split>.json`` / ``<split>.jsonl`` files, one such file (its name is the split), or a ``DatasetDict``
+            folder written by ``save_to_disk``.
         splits: the splits to read (default: every one found, or all four from the Hub).
         limit: the first ``limit`` traces of each split.
 
@@ -107,14 +108,24 @@ def load_processbench(
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: give 'processbench' (the Hub) or a folder of <split>.json.")
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
-        found = {p.stem: p for p in files}
+        found: dict[str, Any]  # split -> its file, or its saved Dataset
+        if (path / "dataset_dict.json").is_file():  # written by `datasets`' save_to_disk
+            import datasets
+
+            found = dict(datasets.load_from_disk(str(path)).items())
+        else:
+            files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+            found = {p.stem: p for p in files}
         wanted = list(splits or found)
         absent = [s for s in wanted if s not in found]
         if absent or not wanted:
             raise ValueError(f"{path} has no ProcessBench split {absent or ''} (found: {sorted(found)}).")
         for split in wanted:
-            rows[split], origins[split] = _read_rows(found[split]), str(found[split])
+            source_of_split = found[split]
+            if isinstance(source_of_split, Path):
+                rows[split], origins[split] = _read_rows(source_of_split), str(source_of_split)
+            else:
+                rows[split], origins[split] = source_of_split.to_list(), f"{path} split {split!r}"
     return {
         split: [_trace(row, origins[split], number) for number, row in enumerate(rows[split][:limit], 1)]
         for split in rows
