@@ -142,6 +142,9 @@ def test_a_resume_with_other_settings_is_refused(checkpoint, questions, uninterr
     assert "seed: 0 -> 3" in error and "searches: ['best_of_n', 'beam'] -> ['best_of_n']" in error
     assert "--overwrite" in error
     assert records_of(out) == records_of(uninterrupted)  # nothing lost
+    same_but_bf16 = eval_args(checkpoint, questions, out, "--search", "best_of_n", "beam", "--dtype", "bfloat16")
+    assert cli.main(same_but_bf16) == 2
+    assert "dtype: 'torch.float32' -> 'torch.bfloat16'" in capsys.readouterr().err
     assert cli.main(eval_args(checkpoint, questions, out, "--search", "best_of_n", "--seed", "3", "--overwrite")) == 0
     assert all(set(r["results"]) == {"best_of_n"} for r in records_of(out))
 

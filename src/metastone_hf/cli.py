@@ -374,7 +374,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if samples != (protocol.samples_per_question or max(presets.values())):
         overridden = sorted([*overridden, "samples_per_question"])
     plan = EvalPlan(protocol, samples, budgets, tuple(dict.fromkeys(args.search)), args.beam_width, args.seed)
-    settings = run_settings(plan, examples, args.model, args.data, template)
+    settings = run_settings(plan, examples, args.model, args.data, template, str(model.dtype))
     out_dir = Path(args.output_dir)
     records = run_evaluation(
         model,

@@ -99,10 +99,16 @@ def _question_hash(examples: Sequence[EvalExample]) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_settings(plan: EvalPlan, examples: Sequence[EvalExample], model: str, data: str, prompt_template: str) -> dict:
-    """Every setting that changes an evaluation's numbers: what a resumed run must share with the first one."""
+def run_settings(
+    plan: EvalPlan, examples: Sequence[EvalExample], model: str, data: str, prompt_template: str, dtype: str
+) -> dict:
+    """Every setting that changes an evaluation's numbers: what a resumed run must share with the first one.
+
+    The device is not one of them: a run preempted on one machine may resume on another.
+    """
     return {
         "model": str(model),
+        "dtype": str(dtype),
         "data": {"source": str(data), "questions": len(examples), "sha256": _question_hash(examples)},
         "protocol": protocol_record(plan.protocol, plan.samples),
         "budgets": plan.budgets,
