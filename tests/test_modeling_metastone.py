@@ -373,6 +373,29 @@ def test_return_dict_false_returns_a_tuple_like_qwen2():
     assert any(torch.equal(t, as_dict.sprm_logits) for t in ours if isinstance(t, torch.Tensor))
 
 
+def test_tuple_and_dict_outputs_are_equivalent_by_subtraction():
+    """transformers' `test_model_outputs_equivalence`: every tensor output of the tuple and the dict form subtract."""
+    model = tiny_metastone()
+    ids = torch.tensor(random_trajectories(2, seed=4, min_len=12, max_len=12))
+    ids[:, 3], ids[:, 7] = 6, 5  # a think token, then a step: the score mask is not all zeros
+    with torch.no_grad():
+        for kwargs in ({}, {"output_hidden_states": True}, {"output_attentions": True}):
+            as_tuple = model(ids, return_dict=False, **kwargs)
+            as_dict = model(ids, return_dict=True, **kwargs).to_tuple()
+
+            def check(a, b):
+                if isinstance(a, (tuple, list)):
+                    assert len(a) == len(b)
+                    for x, y in zip(a, b):
+                        check(x, y)
+                elif isinstance(a, torch.Tensor):
+                    assert a.dtype != torch.bool, "a bool output cannot be subtracted"
+                    assert float((a - b).abs().max()) == 0.0
+
+            check(as_tuple, as_dict)
+    assert as_dict[-1].dtype == torch.long and int(as_dict[-1].sum()) == 2
+
+
 def test_past_key_values_warns_like_stock_models():
     from transformers import DynamicCache
 

@@ -46,13 +46,14 @@ class MetaStoneCausalLMOutputWithPast(CausalLMOutputWithPast):
         sprm_logits (`torch.FloatTensor` of shape `(batch_size, kept_positions)`):
             SPRM logit at every position kept by ``logits_to_keep``: the logit at ``t`` is the step score
             if token ``t + 1`` ends a step. ``sigmoid`` gives the score.
-        sprm_score_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Positions whose logit scores a step (official step mask), when the whole sequence was given as
-            ``input_ids`` (no cache prefix) and all positions were kept.
+        sprm_score_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 at the positions whose logit scores a step (official step mask), 0 elsewhere, when the whole sequence
+            was given as ``input_ids`` (no cache prefix) and all positions were kept. An integer tensor, like every
+            output of a transformers model (outputs are compared by subtraction); ``.bool()`` indexes with it.
     """
 
     sprm_logits: torch.FloatTensor | None = None
-    sprm_score_mask: torch.BoolTensor | None = None
+    sprm_score_mask: torch.LongTensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             sprm_logits = self.sprm_logits_from_features(slice_logits_to_keep(captured[-1], logits_to_keep))
             all_positions_kept = isinstance(logits_to_keep, int) and logits_to_keep == 0
             if input_ids is not None and all_positions_kept and _no_cached_prefix(outputs.cache, input_ids):
-                score_mask = self.sprm_score_mask(input_ids, attention_mask)
+                score_mask = self.sprm_score_mask(input_ids, attention_mask).long()
             if loss is not None and sprm_logits.requires_grad:
                 # LM-loss-only training (SFT): the head gets an exact zero gradient instead of none, so that DDP,
                 # which fails on trainable parameters left out of the loss, accepts it. nan_to_num keeps a
