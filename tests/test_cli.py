@@ -33,12 +33,37 @@ def test_help_everywhere():
 
 
 def test_generate_prints_best_answer_and_scores(checkpoint, capsys):
+    """The CLI's candidates, scores and pick against an independent path: transformers' plain sampling of the same
+    model (`num_return_sequences`, same seed) scored offline by `score_trajectories`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from metastone_hf.evaluation import build_prompt_builder
+
     code = cli.main(["generate", "--model", checkpoint, "--prompt", "what is one plus one", "--num-candidates", "4",
-                     "--max-new-tokens", "12", "--json", "--no-progress", "--all-candidates"])  # fmt: skip
+                     "--max-new-tokens", "24", "--seed", "1", "--json", "--no-progress", "--all-candidates"])  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result) == 1 and len(result[0]["scores"]) == 4 and len(result[0]["candidates"]) == 4
-    assert result[0]["answer"] == result[0]["candidates"][result[0]["chosen_index"]]
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    prompt = tokenizer(build_prompt_builder(tokenizer, model, "plain")("what is one plus one"), return_tensors="pt",
+                       add_special_tokens=False)  # fmt: skip
+    paper = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.05}
+    torch.manual_seed(1)
+    plain = model.generate(**prompt, do_sample=True, num_return_sequences=4, max_new_tokens=24,
+                           pad_token_id=tokenizer.pad_token_id, **paper)  # fmt: skip
+    width = prompt["input_ids"].shape[1]
+    assert tokenizer.batch_decode(plain[:, width:], skip_special_tokens=True) == result[0]["candidates"]
+    eos = (plain[:, width:] == tokenizer.eos_token_id).long()
+    after_eos = eos.cumsum(1) - eos > 0  # padding after a candidate's EOS
+    mask = torch.cat([torch.ones(4, width, dtype=torch.long), (~after_eos).long()], 1)
+    offline = model.score_trajectories(plain, mask)
+    assert len(set(result[0]["scores"])) > 1  # the pick is not decided by a tie
+    assert result[0]["scores"] == pytest.approx(offline.scores.tolist(), abs=1e-5)
+    assert result[0]["chosen_index"] == int(offline.log_scores.double().argmax())
+    assert result[0]["answer"] == result[0]["candidates"][int(offline.log_scores.double().argmax())]
 
 
 def test_score_text_and_jsonl(checkpoint, tmp_path, capsys):

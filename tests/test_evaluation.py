@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -19,11 +20,20 @@ from metastone_hf.evaluation import (
     grade_answer,
     load_eval_examples,
     plot_accuracy_vs_n,
-    reference_completion,
     save_report,
     summarize,
 )
+from metastone_hf.math_datasets import gold_answer
 from metastone_hf.tiny import tiny_metastone_for_tokenizer, tiny_tokenizer
+
+
+def reference_completion(row: dict) -> str:
+    """A completion built from a dataset row's own reference solution, ending in its boxed gold answer."""
+    solution = str(row.get("solution", row.get("answer", "")))
+    solution = re.sub(r"####.*$", "", solution, flags=re.S)
+    if "\\boxed" in solution:
+        return solution
+    return f"{solution}\nThe answer is \\boxed{{{gold_answer(row)}}}."
 
 
 @pytest.mark.parametrize(("name", "rows"), [("aime24", 30), ("gsm8k", 1319), ("math500", 500)])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from metastone_hf.training import binary_auc, grad_scaled_features, sprm_loss, sprm_metrics_from_stats
+from metastone_hf.training import grad_scaled_features, sprm_loss, sprm_metrics_from_stats
 
 
 def reference_sprm_loss(
@@ -199,9 +199,3 @@ def test_grad_scaled_features():
     torch.testing.assert_close(g, f.detach())
     g.sum().backward()
     torch.testing.assert_close(f.grad, torch.full_like(f, 1e-4))
-
-
-def test_binary_auc():
-    assert binary_auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([T, T, F, F])) == 1.0
-    assert binary_auc(torch.tensor([0.5, 0.5]), torch.tensor([T, F])) == 0.5
-    assert math.isnan(binary_auc(torch.tensor([0.5]), torch.tensor([T])))

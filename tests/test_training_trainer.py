@@ -23,8 +23,9 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from metastone_hf.metrics import roc_auc
 from metastone_hf.tiny import save_tiny_checkpoint, tiny_metastone_for_tokenizer, tiny_tokenizer
-from metastone_hf.training import SPRMGRPOConfig, SPRMGRPOTrainer, binary_auc
+from metastone_hf.training import SPRMGRPOConfig, SPRMGRPOTrainer
 
 PROMPT = "Question: go <think>"
 
@@ -121,7 +122,8 @@ def task() -> SyntheticTask:
 def heldout_auc(model: Any, heldout: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
     ids, mask, labels = heldout
     scores = model.score_trajectories(ids, mask)
-    return binary_auc(scores.log_scores, labels)
+    log_scores, labels = scores.log_scores.float(), labels.bool()
+    return roc_auc(log_scores[labels].numpy(), log_scores[~labels].numpy())
 
 
 def sprm_history(trainer: SPRMGRPOTrainer, key: str) -> list[float]:
@@ -232,7 +234,7 @@ def test_feature_gradient_scale(task, tmp_path):
 def test_head_has_its_own_param_group(task, tmp_path):
     trainer = task.trainer(tmp_path, sprm_learning_rate=3e-5, sprm_weight_decay=0.01, weight_decay=0.0)
     optimizer = trainer.create_optimizer()
-    head_group = SPRMGRPOTrainer.head_param_group(optimizer)
+    head_group = next((g for g in optimizer.param_groups if g.get("name") == "sprm_head"), None)
     assert head_group is not None
     assert head_group["lr"] == 3e-5 and head_group["weight_decay"] == 0.01
     head_ids = {id(p) for p in trainer.model.sprm_head.parameters()}

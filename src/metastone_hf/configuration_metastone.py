@@ -157,10 +157,6 @@ class MetaStoneConfig(PreTrainedConfig):
             )
         return index
 
-    @property
-    def sprm_hidden_size(self) -> int:
-        return int(self.text_config.hidden_size) * int(self.sprm_hidden_multiplier)
-
     @staticmethod
     def sprm_token_ids_from_tokenizer(
         tokenizer: Any,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .math_datasets import MATH_DATASETS, gold_answer, load_math_rows
+from .math_datasets import MATH_DATASETS, load_math_rows
 from .metrics import budget_items, load_evaluate_metric, metric_key
 
 DATASET_FILES = {name: spec.local_file for name, spec in MATH_DATASETS.items()}
@@ -151,15 +151,6 @@ def load_eval_examples(
     if not examples:
         raise ValueError(f"{loaded.origin} holds no examples.")
     return examples
-
-
-def reference_completion(row: dict[str, Any]) -> str:
-    """A completion built from a dataset row's own reference (for checking the grader): solution + boxed answer."""
-    solution = str(row.get("solution", row.get("answer", "")))
-    solution = re.sub(r"####.*$", "", solution, flags=re.S)
-    if "\\boxed" in solution:
-        return solution
-    return f"{solution}\nThe answer is \\boxed{{{gold_answer(row)}}}."
 
 
 # ---------------------------------------------------------------------------------------------- grading

@@ -8,12 +8,10 @@ from ..lora import sprm_peft_config
 from .loss import (
     STAT_KEYS,
     SPRLossOutput,
-    binary_auc,
     grad_scaled_features,
     sprm_loss,
     sprm_metrics_from_stats,
     stack_stats,
-    unstack_stats,
 )
 from .trainer import SPRMGRPOConfig, SPRMGRPOTrainer
 
@@ -22,11 +20,9 @@ __all__ = [
     "SPRLossOutput",
     "SPRMGRPOConfig",
     "SPRMGRPOTrainer",
-    "binary_auc",
     "grad_scaled_features",
     "sprm_loss",
     "sprm_metrics_from_stats",
     "sprm_peft_config",
     "stack_stats",
-    "unstack_stats",
 ]

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from ..metrics import roc_auc
 from ..modeling_metastone import sprm_trajectory_log_scores
 
 # Additive counters returned by `sprm_loss`; summing them over processes and calling `sprm_metrics_from_stats` gives
@@ -184,11 +183,6 @@ def stack_stats(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([stats[key].float().reshape(()) for key in STAT_KEYS])
 
 
-def unstack_stats(values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`stack_stats`."""
-    return {key: values[i] for i, key in enumerate(STAT_KEYS)}
-
-
 def sprm_metrics_from_stats(stats: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     """Metrics from (possibly process-summed) counters; ``nan`` where a ratio has no denominator.
 
@@ -232,20 +226,11 @@ def grad_scaled_features(features: torch.Tensor, scale: float) -> torch.Tensor:
     return features * scale + features.detach() * (1.0 - scale)
 
 
-def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC of ``scores`` for bool ``labels`` (ties count one half); ``nan`` when a class is empty."""
-    scores = scores.detach().float().flatten().cpu()
-    labels = labels.detach().flatten().cpu().to(torch.bool)
-    return roc_auc(scores[labels].numpy(), scores[~labels].numpy())
-
-
 __all__ = [
     "STAT_KEYS",
     "SPRLossOutput",
-    "binary_auc",
     "grad_scaled_features",
     "sprm_loss",
     "sprm_metrics_from_stats",
     "stack_stats",
-    "unstack_stats",
 ]

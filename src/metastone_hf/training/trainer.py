@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -574,12 +574,6 @@ class SPRMGRPOTrainer(GRPOTrainer):
                 if master is not None:
                     weights[name] = master.detach().cpu().contiguous()
         return weights
-
-    @staticmethod
-    def head_param_group(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """The optimizer's SPRM-head parameter group, if it has one."""
-        groups: Iterable[dict[str, Any]] = getattr(optimizer, "param_groups", [])
-        return next((g for g in groups if g.get("name") == "sprm_head"), None)
 
 
 def _schedule_lambda(name: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
