@@ -285,3 +285,25 @@ def test_generate_with_step_level_search(checkpoint, capsys):
         assert code == 0
         result = json.loads(capsys.readouterr().out)
         assert len(result[0]["scores"]) == 4
+
+
+def test_input_errors_are_one_line_and_bugs_keep_their_traceback(checkpoint, tmp_path, monkeypatch, capsys):
+    missing = str(tmp_path / "missing.jsonl")
+    assert cli.main(["eval", "--model", checkpoint, "--data", missing]) == 2  # a user's mistake: one clean line
+    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(FileNotFoundError):  # --debug shows every traceback
+        cli.main(["--debug", "eval", "--model", checkpoint, "--data", missing])
+    prompt_file = tmp_path / "empty.txt"
+    prompt_file.write_text("\n")
+    assert cli.main(["generate", "--model", checkpoint, "--prompt-file", str(prompt_file)]) == 2
+    with pytest.raises(cli.CLIError):
+        cli.main(["--debug", "generate", "--model", checkpoint, "--prompt-file", str(prompt_file)])
+
+    import transformers
+
+    def broken(*args, **kwargs):  # a ValueError raised inside a library is a bug, not an input to fix
+        raise ValueError("shape mismatch deep inside")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(ValueError, match="deep inside"):
+        cli.main(["score", "--model", checkpoint, "--text", "a.\n\nb"])

@@ -501,6 +501,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metastone", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of every error (before the command)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="reproduce the paper's mechanism end to end on a CPU (no downloads)")
@@ -635,17 +638,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv and argv[0] == "train":
-        return _run(lambda: cmd_train(argparse.Namespace(), argv[1:]))
-    args = parser.parse_args(argv)
-    return _run(lambda: args.func(args))
+    debug = bool(argv) and argv[0] == "--debug"
+    if argv and argv[debug:][:1] == ["train"]:
+        return _run(lambda: cmd_train(argparse.Namespace(), argv[debug + 1 :]), debug)
+    args = build_parser().parse_args(argv)
+    return _run(lambda: args.func(args), args.debug)
 
 
-def _run(command: Any) -> int:
+def _raised_by_this_package(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error`` is this package's code (or its remote-code copy in a checkpoint)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return False
+    path = Path(frame.tb_frame.f_code.co_filename).resolve()
+    return Path(__file__).resolve().parent in path.parents or path.name.endswith("_metastone.py")
+
+
+def _run(command: Any, debug: bool = False) -> int:
+    """Run a command: input errors print ``error: ...`` (exit 2); anything else keeps its traceback.
+
+    Input errors are :class:`CLIError`, missing or existing files, unreachable data, and each ``ValueError`` this
+    package raises when it checks what it was given. A ``ValueError`` from deeper down (torch, transformers) is a
+    bug to see, not an input to fix, so it is raised with its traceback, as is everything under ``--debug``.
+    """
     try:
         return int(command() or 0)
-    except (CLIError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (CLIError, FileNotFoundError, FileExistsError, ConnectionError, ValueError) as error:
+        if debug or (isinstance(error, ValueError) and not _raised_by_this_package(error)):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -70,7 +70,8 @@ class SPRMScriptArguments(ScriptArguments):
             A reward model, as in ``trl grpo``.
         reward_funcs (`list[str]`, *optional*):
             Reward functions: ``accuracy_reward`` (default), ``reasoning_accuracy_reward``, ``think_format_reward``,
-            ``get_soft_overlong_punishment`` or a dotted import path.
+            ``get_soft_overlong_punishment`` (DAPO's soft overlong penalty over the run's ``max_completion_length``,
+            its last quarter, at most 256 tokens, penalised linearly) or a dotted import path.
     """
 
     dataset_path: str | None = field(
@@ -147,7 +148,12 @@ def math_dataset_source(script_args: SPRMScriptArguments) -> str | Path | None:
     return None
 
 
-def resolve_reward_funcs(script_args: SPRMScriptArguments) -> list[Any]:
+def overlong_cache(max_completion_length: int) -> int:
+    """Soft overlong penalty window: the last quarter of the completion budget, at most 256 tokens."""
+    return max(1, min(256, max_completion_length // 4))
+
+
+def resolve_reward_funcs(script_args: SPRMScriptArguments, max_completion_length: int) -> list[Any]:
     from trl.rewards import (
         accuracy_reward,
         get_soft_overlong_punishment,
@@ -159,7 +165,9 @@ def resolve_reward_funcs(script_args: SPRMScriptArguments) -> list[Any]:
         "accuracy_reward": accuracy_reward,
         "reasoning_accuracy_reward": reasoning_accuracy_reward,
         "think_format_reward": think_format_reward,
-        "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
+        "get_soft_overlong_punishment": get_soft_overlong_punishment(
+            max_completion_len=max_completion_length, soft_punish_cache=overlong_cache(max_completion_length)
+        ),
     }
     reward_funcs: list[Any] = []
     if script_args.reward_model_name_or_path:
@@ -223,7 +231,7 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
 
     trainer = SPRMGRPOTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=resolve_reward_funcs(script_args),
+        reward_funcs=resolve_reward_funcs(script_args, training_args.max_completion_length),
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -283,9 +291,17 @@ def run_training_cli(argv: list[str] | None = None) -> int:
         export_dataset(export_args)
         return 0
     parser = make_parser(prog="metastone train")
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
-        args=argv, fail_with_unknown_args=False
-    )
+    # A mistyped key in a --config YAML file is refused (it would otherwise be ignored without a word).
+    try:
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(args=argv)
+    except ValueError as error:
+        if "Unknown arguments from config file" not in str(error):
+            raise
+        unknown = str(error).split(":", 1)[1].split(". Please")[0].strip()
+        raise ValueError(
+            f"the --config file has keys no `metastone train` argument takes: {unknown}. Check their spelling "
+            "against `metastone train --help`."
+        ) from None
     main(script_args, training_args, model_args, dataset_args)
     return 0
 
