@@ -210,3 +210,34 @@ def test_push_command_publishes_model_index(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli.main([*push, "--metrics", str(tmp_path / "math.json"), "--dataset", "math500", "gsm8k"]) == 2
     assert "one per report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failing_call", [None, "block", 1, 2])
+def test_atomic_output_dir_leaves_the_old_or_the_new_folder_at_every_failure_point(tmp_path, monkeypatch, failing_call):
+    """Failure inside the block, at the first rename (old folder aside) or the second (new folder in)."""
+    import os
+
+    from metastone_hf.hub import atomic_output_dir
+
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == failing_call:
+            raise OSError(f"rename {len(calls)} failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        with atomic_output_dir(target, overwrite=True) as staging:
+            (staging / "weights").write_text("new")
+            if failing_call == "block":
+                raise RuntimeError("failed while writing")
+    except (OSError, RuntimeError):
+        pass
+    expected = "new" if failing_call is None else "old"
+    assert (target / "weights").read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging or backup folder left behind

@@ -99,6 +99,25 @@ POSITIVE_FLOAT = _bounded(float, 0.0)
 PROBABILITY = _bounded(float, 0.0, 1.0)
 
 
+_SAMPLING_FLAGS = (
+    ("--temperature", POSITIVE_FLOAT, "temperature"),
+    ("--top-p", PROBABILITY, "top_p"),
+    ("--top-k", NON_NEGATIVE_INT, "top_k"),
+    ("--repetition-penalty", POSITIVE_FLOAT, "repetition_penalty"),
+)
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, paper: Any, override: bool) -> None:
+    """The sampler's flags: defaulting to the paper's values (``generate``) or overriding a protocol (``eval``)."""
+    for flag, kind, field in _SAMPLING_FLAGS:
+        value = getattr(paper, field)
+        shown = f"{value}, i.e. no top-k cut" if field == "top_k" and value == 0 else value
+        if override:
+            parser.add_argument(flag, type=kind, default=None, help=f"override the protocol's value (paper: {shown})")
+        else:
+            parser.add_argument(flag, type=kind, default=value, help=f"default: the paper's ({shown})")
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """``generate``'s sampling flags: the paper's sampling settings, with a shorter budget for interactive use."""
     from .evaluation import EVAL_PROTOCOLS
@@ -124,14 +143,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"tokens per candidate (default {GENERATE_MAX_NEW_TOKENS}; the paper's evaluation allows "
         f"{paper.max_new_tokens}, so long reasoning may be cut off here)",
     )
-    parser.add_argument("--temperature", type=POSITIVE_FLOAT, default=paper.temperature, help="default: the paper's")
-    parser.add_argument("--top-p", type=PROBABILITY, default=paper.top_p, help="default: the paper's")
-    parser.add_argument(
-        "--top-k", type=NON_NEGATIVE_INT, default=paper.top_k, help="0 = no top-k cut (default: the paper's)"
-    )
-    parser.add_argument(
-        "--repetition-penalty", type=POSITIVE_FLOAT, default=paper.repetition_penalty, help="default: the paper's"
-    )
+    _add_sampling_flags(parser, paper, override=False)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -145,14 +157,13 @@ def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol", choices=sorted(EVAL_PROTOCOLS), default="paper", help=f"sampling protocol ({described})"
     )
     paper = EVAL_PROTOCOLS["paper"]
-    for flag, kind, value in (
-        ("--temperature", POSITIVE_FLOAT, paper.temperature),
-        ("--top-p", PROBABILITY, paper.top_p),
-        ("--top-k", NON_NEGATIVE_INT, f"{paper.top_k}, i.e. no top-k cut"),
-        ("--repetition-penalty", POSITIVE_FLOAT, paper.repetition_penalty),
-        ("--max-new-tokens", POSITIVE_INT, paper.max_new_tokens),
-    ):
-        parser.add_argument(flag, type=kind, default=None, help=f"override the protocol's value (paper: {value})")
+    _add_sampling_flags(parser, paper, override=True)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"override the protocol's value (paper: {paper.max_new_tokens})",
+    )
     parser.add_argument(
         "--samples-per-question",
         type=POSITIVE_INT,

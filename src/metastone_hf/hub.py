@@ -39,10 +39,12 @@ DEFAULT_TRAINING_RECIPE = (
 
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh staging folder; on success it replaces ``output_dir`` in one rename.
+    """Yield a fresh staging folder; on success it replaces ``output_dir``.
 
-    Raises ``FileExistsError`` up front when ``output_dir`` exists and ``overwrite`` is false. On any error
-    inside the block the staging folder is removed and ``output_dir`` is left exactly as it was.
+    Raises ``FileExistsError`` up front when ``output_dir`` exists and ``overwrite`` is false. On any error inside
+    the block the staging folder is removed and ``output_dir`` is left exactly as it was. Replacing an existing
+    folder takes two renames (the old folder aside, the new one in); if the second fails, the old folder is renamed
+    back, so a failure at any point leaves either the old folder or the new one at ``output_dir``, never neither.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -57,8 +59,17 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
         yield staging
         if output_dir.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, backup / "old")
-            os.replace(staging, output_dir)
+            try:
+                os.replace(output_dir, backup / "old")
+            except BaseException:
+                shutil.rmtree(backup, ignore_errors=True)  # still empty: output_dir was not moved
+                raise
+            try:
+                os.replace(staging, output_dir)
+            except BaseException:
+                os.replace(backup / "old", output_dir)
+                shutil.rmtree(backup, ignore_errors=True)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(staging, output_dir)
