@@ -442,3 +442,14 @@ def test_plain_decoding_compiles_as_one_full_graph():
     compiled = model.generate(ids, **settings, compile_config=config)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step really went through dynamo
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_feature_hook_fires_once_per_forward_under_gradient_checkpointing(reentrant):
+    model = tiny_metastone().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.tensor(random_trajectories(2, seed=5, min_len=10, max_len=10))
+    with model.capture_sprm_features() as captured:
+        model(ids, labels=ids).loss.backward()  # the recompute in backward must not add features
+    assert len(captured) == 1 and captured[0].shape[:2] == ids.shape
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -116,13 +116,15 @@ class SearchOutput(ModelOutput):
         step_scores: ``step_scores[b][j]`` the 1-D tensor of ``sigmoid`` step scores of candidate ``j`` of prompt ``b``.
         step_positions: same layout, the positions whose logit scored each step (one before each step token).
         num_steps: ``[B, N]`` number of scored steps.
-        chosen_index: ``[B]`` index in ``0..N-1`` of the chosen candidate (never a pruned one).
+        chosen_index: ``[B]`` index in ``0..N-1`` of the chosen candidate: a pruned one only when pruning stopped every
+            candidate of the prompt (then the selection runs over all of them).
         answers: ``answers[b][j]`` the extracted answer (``None`` when none was found), when the selection strategy
             used answers; ``None`` otherwise.
         num_generated_tokens: ``[B, N]`` real generated tokens per candidate (EOS included, padding excluded).
         pruned: ``[B, N]`` candidates stopped by SPRM-guided pruning (all ``False`` when pruning is off).
-        tokens_saved: for each pruned candidate, the final length ``T`` minus its length when pruned: the decode
-            slots it did not use. Pruned rows leave the batch, so these tokens are never computed.
+        tokens_saved: for each pruned candidate, ``max_new_tokens`` minus the tokens it had generated when pruned:
+            the decode slots it gave up, up to the length limit (an upper bound: it might have stopped earlier).
+            Pruned rows leave the batch, so these tokens are never computed.
         scoring_state_bytes: bytes of the step records kept for scoring: an int64 position and a float32 logit per
             step of every returned candidate; no hidden state is kept.
         search: the strategy: ``"best_of_n"``, ``"beam"`` or ``"dvts"``.
@@ -847,7 +849,7 @@ class StepSearch:
         pruned = torch.tensor([f.pruned for f in chosen_trajectories], device=device)
         chosen = []
         for b in range(batch):
-            # Pruned candidates never finished: they are returned, but neither win nor vote.
+            # Pruned candidates never finished: returned, but neither win nor vote, unless all of them were pruned.
             finished = [j for j in range(n) if not bool(pruned[b * n + j])] or list(range(n))
             pick = int(
                 strategy(ranking_scores[b, finished], None if answers is None else [answers[b][j] for j in finished])
@@ -875,7 +877,7 @@ class StepSearch:
             answers=answers,
             num_generated_tokens=generated.view(batch, n),
             pruned=pruned.view(batch, n),
-            tokens_saved=int(((total_length - prompt_length - generated) * pruned).sum()),
+            tokens_saved=int(((self.max_new_tokens - generated) * pruned).sum()),
             scoring_state_bytes=sum(f.records.nbytes for f in chosen_trajectories),
             search=search,
             search_tree=self.tree,

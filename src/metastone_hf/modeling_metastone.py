@@ -157,8 +157,8 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         """Collect the feature-layer output of every forward run inside the block (a forward hook).
 
         This is how training reads the head's features from the policy's own forward (e.g. TRL's fused
-        log-prob path) without a second pass. With gradient checkpointing the layer runs again during
-        backward and the hook fires again; read the features before calling ``backward``.
+        log-prob path) without a second pass. With gradient checkpointing the hook still fires once per forward:
+        the recompute during ``backward`` runs the layer's ``forward``, not its hooks.
         """
         captured: list[torch.Tensor] = []
         module = self.sprm_feature_module
