@@ -91,6 +91,33 @@ def test_plain_generate_is_transformers_generate_positional_and_keyword(model):
         model.generate(ids, selection="majority")
 
 
+def test_generate_with_inputs_embeds_is_transformers_generate(model):
+    """transformers' own generation tests run `inputs_embeds` on every causal LM; PEFT prompt tuning relies on it."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    twin = plain_twin(model)
+    ids = torch.tensor([[1, THINK, 9, 10, STEP, 11]])
+    embeds = model.get_input_embeddings()(ids).detach()
+    for sampling in ({"do_sample": False}, {"do_sample": True, "top_k": 0}):
+        for given in ({"inputs_embeds": embeds}, {"input_ids": ids, "inputs_embeds": embeds}):
+            torch.manual_seed(2)
+            ours = model.generate(**given, max_new_tokens=8, pad_token_id=PAD, **sampling)
+            torch.manual_seed(2)
+            stock = twin.generate(**given, max_new_tokens=8, pad_token_id=PAD, **sampling)
+            assert torch.equal(ours, stock)
+    prompt_tuned = {}
+    fresh = tiny_metastone(seed=31)  # PEFT wraps and freezes its model: keep the module's one untouched
+    for name, backbone in (("ours", fresh), ("stock", plain_twin(fresh))):
+        torch.manual_seed(3)  # the same virtual-token embeddings for both
+        peft_model = get_peft_model(backbone, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+        prompt_tuned[name] = peft_model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=PAD
+        )
+    assert torch.equal(prompt_tuned["ours"], prompt_tuned["stock"])
+    with pytest.raises(ValueError, match="found in the token ids, so pass `input_ids`"):
+        model.generate(inputs_embeds=embeds, num_candidates=2, max_new_tokens=4)
+
+
 # ----------------------------------------------------------------------------------- sampling equality
 
 

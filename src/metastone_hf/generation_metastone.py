@@ -1027,7 +1027,7 @@ _UNSUPPORTED = {
     "custom_generate": "another decoding method (`search=` picks one)",
     "negative_prompt_ids": "classifier-free guidance",
     "negative_prompt_attention_mask": "classifier-free guidance",
-    "inputs_embeds": "`inputs_embeds` (pass `input_ids`)",
+    "inputs_embeds": "`inputs_embeds`: steps and the think span are found in the token ids, so pass `input_ids`",
     "cache": "a user cache (the prompt cache is built here)",
     "past_key_values": "a user cache (the prompt cache is built here)",
     "synced_gpus": "`synced_gpus`",

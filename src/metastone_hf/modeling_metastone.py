@@ -248,12 +248,31 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             sprm_score_mask=score_mask,
         )
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Any | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """transformers' inputs for a decoding step; plain decoding skips the SPRM head (no hook, compilable).
 
-        Best-of-N generation asks for the head with ``return_sprm_logits=True``.
+        The signature is transformers' own, so ``generate`` sees that ``inputs_embeds`` is forwarded (PEFT prompt
+        and prefix tuning, multimodal wrappers). Best-of-N generation asks for the head with
+        ``return_sprm_logits=True``.
         """
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
         model_inputs.setdefault("return_sprm_logits", False)
         return model_inputs
 
