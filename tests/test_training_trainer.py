@@ -119,6 +119,11 @@ def task() -> SyntheticTask:
     return SyntheticTask()
 
 
+def head_param_group(optimizer: Any) -> dict | None:
+    """The optimizer's SPRM-head parameter group (the trainer names it ``sprm_head``)."""
+    return next((g for g in optimizer.param_groups if g.get("name") == "sprm_head"), None)
+
+
 def heldout_auc(model: Any, heldout: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
     ids, mask, labels = heldout
     scores = model.score_trajectories(ids, mask)
@@ -234,7 +239,7 @@ def test_feature_gradient_scale(task, tmp_path):
 def test_head_has_its_own_param_group(task, tmp_path):
     trainer = task.trainer(tmp_path, sprm_learning_rate=3e-5, sprm_weight_decay=0.01, weight_decay=0.0)
     optimizer = trainer.create_optimizer()
-    head_group = next((g for g in optimizer.param_groups if g.get("name") == "sprm_head"), None)
+    head_group = head_param_group(optimizer)
     assert head_group is not None
     assert head_group["lr"] == 3e-5 and head_group["weight_decay"] == 0.01
     head_ids = {id(p) for p in trainer.model.sprm_head.parameters()}
@@ -529,7 +534,7 @@ def test_head_learning_rate_stays_constant_while_the_policy_decays(task, tmp_pat
             self.seen: list[tuple[float, float]] = []
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            head = SPRMGRPOTrainer.head_param_group(optimizer)
+            head = head_param_group(optimizer)
             policy = next(g for g in optimizer.param_groups if g is not head)
             self.seen.append((policy["lr"], head["lr"]))
 

@@ -212,15 +212,16 @@ def extract_boxed_answer(text: str) -> str | None:
     return str(parsed[0]) if parsed else content
 
 
-def _rankable(scores: torch.Tensor) -> torch.Tensor:
-    """NaN scores (non-finite features, see ``score_trajectories``) rank last."""
+def rankable_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as every ranking in this package compares them: float64, NaN (non-finite features, see
+    ``score_trajectories``) ranking last, below every real score."""
     scores = scores.detach().double()  # float64: scores just below 1.0 must not tie
     return scores.masked_fill(scores.isnan(), float("-inf"))
 
 
 def select_sprm(scores: torch.Tensor, answers: Sequence[Hashable | None] | None = None) -> int:
     """The paper's rule: the candidate with the highest SPRM trajectory score (first one on ties; NaN ranks last)."""
-    return int(torch.argmax(_rankable(scores)))
+    return int(torch.argmax(rankable_scores(scores)))
 
 
 def select_sprm_vote(scores: torch.Tensor, answers: Sequence[Hashable | None] | None) -> int:
@@ -230,7 +231,7 @@ def select_sprm_vote(scores: torch.Tensor, answers: Sequence[Hashable | None] | 
     [`select_sprm`]."""
     if answers is None:
         raise ValueError("`select_sprm_vote` needs the candidates' answers.")
-    scores = _rankable(scores)
+    scores = rankable_scores(scores)
     weights: dict[Hashable, float] = {}
     best: dict[Hashable, int] = {}
     for j, answer in enumerate(answers):
@@ -707,7 +708,7 @@ class StepSearch:
             return None
         done = self.completed_per_prompt().to(parked.prompt.device) >= self.n
         key = self.running_log_scores(parked)[0] if ranking == "mean" else parked.last_logit
-        key = torch.nan_to_num(key.double(), nan=float("-inf"))
+        key = rankable_scores(key)
         keep = []
         for prompt, group in sorted(set(zip(parked.prompt.tolist(), parked.group.tolist()))):
             members = ((parked.prompt == prompt) & (parked.group == group)).nonzero().flatten()
@@ -1238,6 +1239,7 @@ __all__ = [
     "dvts",
     "extract_boxed_answer",
     "last_boxed_content",
+    "rankable_scores",
     "resolve_num_candidates",
     "search_generate",
     "select_majority",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .generation_metastone import SELECTION_STRATEGIES, SelectionStrategy
+from .generation_metastone import SELECTION_STRATEGIES, SelectionStrategy, rankable_scores
 
 if TYPE_CHECKING:
     import evaluate
@@ -109,7 +109,7 @@ def roc_auc(positive_scores: Sequence[float], negative_scores: Sequence[float]) 
     pos, neg = np.asarray(positive_scores, dtype=float), np.asarray(negative_scores, dtype=float)
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    pos, neg = np.nan_to_num(pos, nan=-np.inf), np.nan_to_num(neg, nan=-np.inf)
+    pos, neg = (rankable_scores(torch.as_tensor(x)).numpy() for x in (pos, neg))
     greater = (pos[:, None] > neg[None, :]).sum()
     ties = (pos[:, None] == neg[None, :]).sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
