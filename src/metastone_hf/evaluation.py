@@ -514,17 +514,7 @@ def plot_accuracy_vs_n(summary: dict[str, Any], path: str | Path, title: str = "
         ax.fill_between(xs, low, high, alpha=0.12)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_xlabel("N (candidates per question)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_plot(fig, ax, "N (candidates per question)", title, path)
 
 
 def plot_accuracy_vs_tokens(
@@ -566,6 +556,13 @@ def plot_accuracy_vs_tokens(
                 labelled.add(point["n"])
                 ax.annotate(f"N={int(point['n'])}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7)
     ax.set_xscale("log", base=2)
+    return _save_plot(fig, ax, xlabel, title, path)
+
+
+def _save_plot(fig: Any, ax: Any, xlabel: str, title: str, path: str | Path) -> Path:
+    """Label an accuracy plot, write it as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
