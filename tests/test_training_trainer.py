@@ -21,7 +21,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from metastone_hf.metrics import roc_auc
 from metastone_hf.tiny import save_tiny_checkpoint, tiny_metastone_for_tokenizer, tiny_tokenizer
@@ -591,3 +591,53 @@ def test_truncated_completions_excluded_or_labelled_by_reward(task, tmp_path):
     assert logged["as_reward"]["sprm/steps"] == steps_per_row.sum().item()
     positive_steps = steps_per_row[correct].sum().item()
     assert logged["as_reward"]["sprm/pos_step_fraction"] == pytest.approx(positive_steps / steps_per_row.sum().item())
+
+
+def vllm_weight_stream(trainer: SPRMGRPOTrainer) -> list[tuple[str, torch.Tensor]]:
+    """What TRL's vLLM weight sync would send for this trainer's model, without vLLM: TRL's own `VLLMGeneration`
+    walk (PEFT merge included) on an object that holds only what the walk reads, filtered as the trainer does."""
+    from trl.distributed import DistributedBackend
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from metastone_hf.training.trainer import send_backbone_only_to_vllm
+
+    generation = VLLMGeneration.__new__(VLLMGeneration)
+    generation.model, generation.accelerator = trainer.model, trainer.accelerator
+    generation._dist = DistributedBackend(trainer.accelerator)
+    send_backbone_only_to_vllm(generation)
+    return [(name, param.detach().clone()) for name, param in generation._iter_named_params()]
+
+
+def test_vllm_weight_sync_sends_the_plain_backbone(task, tmp_path):
+    trainer = task.trainer(tmp_path)
+    sent = vllm_weight_stream(trainer)
+    twin = AutoModelForCausalLM.from_config(trainer.model.config.text_config)  # what vLLM serves: the plain class
+    assert [(n, tuple(p.shape)) for n, p in sent] == [(n, tuple(p.shape)) for n, p in twin.named_parameters()]
+    own = dict(trainer.model.named_parameters())
+    assert all(torch.equal(p, own[n]) for n, p in sent)
+
+
+def test_vllm_weight_sync_sends_the_merged_lora_backbone(task, tmp_path):
+    import copy
+
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = task.trainer(tmp_path, peft_config=config)
+    with torch.no_grad():  # adapters that change the weights once merged (LoRA's B starts at zero)
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    sent = vllm_weight_stream(trainer)
+    merged = copy.deepcopy(trainer.model).merge_and_unload()
+    reference = [(n, p) for n, p in merged.named_parameters() if not n.startswith("sprm_head.")]
+    twin = AutoModelForCausalLM.from_config(merged.config.text_config)
+    assert [n for n, _ in sent] == [n for n, _ in twin.named_parameters()] == [n for n, _ in reference]
+    for (name, got), (_, expected) in zip(sent, reference):
+        torch.testing.assert_close(got, expected.detach(), msg=name)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    base = dict(trainer.model.get_base_model().named_parameters())[q_proj.replace(".weight", ".base_layer.weight")]
+    assert not torch.allclose(dict(sent)[q_proj], base)  # the merged weight, not the base one
+    assert torch.equal(
+        base, dict(trainer.model.get_base_model().named_parameters())[q_proj.replace(".weight", ".base_layer.weight")]
+    )

@@ -255,6 +255,8 @@ class SPRMGRPOTrainer(GRPOTrainer):
         self._sprm_rewards_per_func: torch.Tensor | None = None
         super().__init__(model, *args, peft_config=peft_config, **kwargs)
         self._sprm_model(self.model)  # fail early when the model has no SPRM head
+        if getattr(self, "vllm_generation", None) is not None:
+            send_backbone_only_to_vllm(self.vllm_generation)
         self._check_head_trainable()
         self._keep_head_in_fp32()
         if self.args.sprm_max_grad_norm is not None and self.is_deepspeed_enabled:
@@ -574,6 +576,25 @@ class SPRMGRPOTrainer(GRPOTrainer):
                 if master is not None:
                     weights[name] = master.detach().cpu().contiguous()
         return weights
+
+
+def send_backbone_only_to_vllm(generation: Any) -> Any:
+    """Make TRL's vLLM weight sync (``VLLMGeneration``, colocate or server) send the backbone alone.
+
+    vLLM serves the backbone as the plain causal LM it is (``Qwen2ForCausalLM``, ...), whose ``load_weights`` knows
+    no ``sprm_head.*`` tensor. The backbone's names already are the plain model's (the flat layout), and TRL has
+    merged LoRA adapters and stripped PEFT's prefixes before this filter sees them. Every tensor is still walked
+    (and gathered under ZeRO-3 / FSDP, a collective on every process); the head's are just not sent.
+    """
+    walk = generation._iter_named_params
+
+    def backbone_params() -> Any:
+        for name, param in walk():
+            if not name.startswith("sprm_head."):
+                yield name, param
+
+    generation._iter_named_params = backbone_params
+    return generation
 
 
 def _schedule_lambda(name: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
