@@ -59,7 +59,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000, help="must cover the tiny tokenizer's ids")
     parser.add_argument("--shard-mb", type=int, default=1000, help="largest shard of the synthetic release")
-    parser.add_argument("--cast-dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument(
+        "--cast-dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the cast case (default: float32 for a bf16 release, bfloat16 otherwise)",
+    )
+    parser.add_argument("--release-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--release-format",
+        default="safetensors",
+        choices=["safetensors", "bin"],
+        help="bin: pytorch_model-*.bin shards (rewritten as safetensors by every conversion)",
+    )
     parser.add_argument("--tmp-dir", default=tempfile.gettempdir(), help="where the release and outputs go")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each case (medians reported)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -89,8 +101,9 @@ def write_release(folder: Path, args: argparse.Namespace) -> None:
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        dtype="bfloat16",
+        dtype=args.release_dtype,
     )
+    dtype = getattr(torch, args.release_dtype)
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, do_sample=True, temperature=0.6).save_pretrained(folder)
@@ -103,7 +116,7 @@ def write_release(folder: Path, args: argparse.Namespace) -> None:
     groups: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
-        nbytes = 2 * int(torch.Size(shape).numel())
+        nbytes = torch.finfo(dtype).bits // 8 * int(torch.Size(shape).numel())
         if groups[-1] and size + nbytes > limit:
             groups.append([])
             size = 0
@@ -113,17 +126,23 @@ def write_release(folder: Path, args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
     for number, names in enumerate(groups, start=1):
-        shard = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        stem, suffix = ("model", "safetensors") if args.release_format == "safetensors" else ("pytorch_model", "bin")
+        shard = f"{stem}-{number:05d}-of-{len(groups):05d}.{suffix}"
         tensors = {
-            name: torch.empty(shapes[name], dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
-            for name in names
+            name: torch.empty(shapes[name], dtype=dtype).normal_(0.0, 0.02, generator=generator) for name in names
         }
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        if args.release_format == "safetensors":
+            save_file(tensors, folder / shard, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, folder / shard)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
         weight_map.update(dict.fromkeys(names, shard))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    index_name = (
+        "model.safetensors.index.json" if args.release_format == "safetensors" else "pytorch_model.bin.index.json"
+    )
+    (folder / index_name).write_text(json.dumps(index, indent=2))
 
     width = 2 * args.hidden
     head = nn.Sequential(nn.Linear(args.hidden, width), nn.ReLU(), nn.Dropout(0.5), nn.Linear(width, 1))
@@ -157,7 +176,7 @@ def tensor_dtypes(path: Path) -> set[str]:
 def check_output(out: Path, release: Path, linked: bool) -> str:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()) - {"sprm_head.safetensors"})
-    same_inode = [os.stat(out / s).st_ino == os.stat(release / s).st_ino for s in shards]
+    same_inode = [(release / s).exists() and os.stat(out / s).st_ino == os.stat(release / s).st_ino for s in shards]
     head_dtypes = tensor_dtypes(out / "sprm_head.safetensors")
     if all(same_inode) != linked or head_dtypes != {"F32"}:
         raise SystemExit(f"unexpected output: hard links {same_inode}, head dtypes {head_dtypes}")
@@ -175,21 +194,23 @@ def main() -> None:
     try:
         release = root / "MetaStone-S1-synthetic"
         write_wall, _, _ = measure([sys.executable, *sys.argv, "--_write-release", str(release)])
-        sizes = [path.stat().st_size for path in sorted(release.glob("model-*.safetensors"))]
+        sizes = [path.stat().st_size for path in sorted(release.glob("*model-*.*")) if path.suffix != ".json"]
         largest = max(sizes)
         print(
-            f"release: {sum(sizes) / GB:.2f} GB bf16 in {len(sizes)} shards (largest {largest / GB:.2f} GB), "
+            f"release: {sum(sizes) / GB:.2f} GB {args.release_dtype} {args.release_format} in {len(sizes)} shards "
+            f"(largest {largest / GB:.2f} GB), "
             f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; written in {write_wall:.1f} s"
         )
         needed = 3.5 * sum(sizes)  # a cp -r copy and a float32 rewrite beside the release
         if shutil.disk_usage(root).free < needed:
             raise SystemExit(f"not enough disk space in {root}: about {needed / GB:.1f} GB more needed")
 
+        cast_dtype = args.cast_dtype or ("float32" if args.release_dtype == "bfloat16" else "bfloat16")
         convert = [sys.executable, "-c", CONVERT, str(release)]
         cases = {
             "cp": (["cp", "-r", str(release), str(root / "copy")], root / "copy"),
             "link": ([*convert, str(root / "converted"), ""], root / "converted"),
-            "cast": ([*convert, str(root / "converted-cast"), args.cast_dtype], root / "converted-cast"),
+            "cast": ([*convert, str(root / "converted-cast"), cast_dtype], root / "converted-cast"),
         }
         walls: dict[str, list[float]] = {name: [] for name in cases}
         parts: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
@@ -202,13 +223,14 @@ def main() -> None:
                 peaks[name] = max(peaks[name], rss)
                 if name != "cp":
                     parts[name].append(json.loads(printed.strip().splitlines()[-1]))
-                    checks[name] = check_output(output, release, linked=name == "link")
+                    linked = name == "link" and args.release_format == "safetensors"
+                    checks[name] = check_output(output, release, linked=linked)
                 shutil.rmtree(output)
 
         cp_wall = statistics.median(walls["cp"])
         print(f"medians of {args.repeats} interleaved runs; peak RSS: the largest of the runs, interpreter included")
         print(f"cp -r: {cp_wall:.2f} s, peak RSS {peaks['cp'] / GB:.2f} GB")
-        for name, label in (("link", "no dtype change (default)"), ("cast", f"--dtype {args.cast_dtype}")):
+        for name, label in (("link", "no dtype change (default)"), ("cast", f"--dtype {cast_dtype}")):
             wall = statistics.median(walls[name])
             imports = statistics.median(p["imports"] for p in parts[name])
             work = statistics.median(p["convert"] for p in parts[name])

@@ -194,7 +194,14 @@ def test_dtype_change_rewrites_each_shard(sharded_bf16_release, tmp_path, real_t
     assert_same_weights(load_strictly(out16), release, dtype=torch.float16)
 
 
-def test_shard_of_mixed_dtypes(official_release, tmp_path):
+# 100 bytes: every tensor is cast and written in many pieces (rounded down to whole elements of its dtype).
+PIECES = pytest.mark.parametrize("chunk_bytes", [None, 100], ids=["whole", "in-pieces"])
+
+
+@PIECES
+def test_shard_of_mixed_dtypes(official_release, tmp_path, monkeypatch, chunk_bytes):
+    if chunk_bytes:
+        monkeypatch.setattr("metastone_hf.convert.CHUNK_BYTES", chunk_bytes)
     state = load_file(official_release / "model.safetensors")
     norms = [name for name in state if name.endswith("norm.weight")]
     state.update({name: state[name].to(torch.bfloat16) for name in norms})
@@ -222,7 +229,10 @@ def test_tied_embedding_release(tmp_path, real_tokenizer):
     assert_same_weights(converted, release)
 
 
-def test_bin_release_is_rewritten_as_safetensors(official_release, tmp_path):
+@PIECES
+def test_bin_release_is_rewritten_as_safetensors(official_release, tmp_path, monkeypatch, chunk_bytes):
+    if chunk_bytes:
+        monkeypatch.setattr("metastone_hf.convert.CHUNK_BYTES", chunk_bytes)
     state = load_file(official_release / "model.safetensors")
     (official_release / "model.safetensors").unlink()
     state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one storage, as torch.save keeps tied weights

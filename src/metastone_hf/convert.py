@@ -376,12 +376,27 @@ def _tensor_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     return 8 + length, {name: tuple(entry["data_offsets"]) for name, entry in header.items()}
 
 
-def _write_safetensors(destination: Path, layout: dict[str, tuple[str, list[int]]], data: Iterator[Any]) -> None:
+# A rewrite holds at most this many bytes of a tensor at once (read, and cast): the largest tensor of a release (the
+# embedding: 151936 x 1024 float32 is 622 MB, a whole shard) is streamed in pieces, not held twice.
+CHUNK_BYTES = 64 * 2**20
+
+
+def _tensor_pieces(tensor: torch.Tensor, target: torch.dtype | None) -> Iterator[torch.Tensor]:
+    """``tensor``'s elements in order, cast to ``target`` (:func:`_cast`), at most :data:`CHUNK_BYTES` at a time."""
+    flat = tensor.reshape(-1)
+    step = max(1, CHUNK_BYTES // max(1, flat.element_size()))
+    for start in range(0, flat.numel(), step):
+        yield _cast(flat[start : start + step], target)
+
+
+def _write_safetensors(
+    destination: Path, layout: dict[str, tuple[str, list[int]]], data: Iterator[Iterator[Any]]
+) -> None:
     """Write a safetensors file whose tensors (name -> dtype code, shape) are known before their data.
 
-    ``data`` yields each tensor's bytes (a tensor or a buffer) in ``layout`` order and is consumed one at a time:
-    ``safetensors.torch.save_file`` would need the whole shard in memory at once. The result is read back with
-    ``safetensors.safe_open`` by the conversion's own checks and by ``from_pretrained``.
+    ``data`` yields, for each tensor in ``layout`` order, an iterator over its bytes in pieces (tensors or buffers),
+    consumed one piece at a time: ``safetensors.torch.save_file`` would need the whole shard in memory at once. The
+    result is read back with ``safetensors.safe_open`` by the conversion's own checks and by ``from_pretrained``.
     """
     header: dict[str, Any] = {}
     offset = 0
@@ -396,15 +411,20 @@ def _write_safetensors(destination: Path, layout: dict[str, tuple[str, list[int]
     with open(destination, "wb") as file:
         file.write(struct.pack("<Q", len(encoded)))
         file.write(encoded)
-        for (name, (code, shape)), chunk in zip(layout.items(), data, strict=True):
-            buffer = memoryview(
-                chunk.contiguous().reshape(-1).view(torch.uint8).numpy() if isinstance(chunk, torch.Tensor) else chunk
-            )
-            if buffer.nbytes != _nbytes(code, shape):
-                raise ConversionError(
-                    f"Tensor {name}: {buffer.nbytes} bytes of data, its header says {_nbytes(code, shape)}."
+        for (name, (code, shape)), pieces in zip(layout.items(), data, strict=True):
+            written = 0
+            for piece in pieces:
+                buffer = memoryview(
+                    piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    if isinstance(piece, torch.Tensor)
+                    else piece
                 )
-            file.write(buffer)
+                file.write(buffer)
+                written += buffer.nbytes
+            if written != _nbytes(code, shape):
+                raise ConversionError(
+                    f"Tensor {name}: {written} bytes of data, its header says {_nbytes(code, shape)}."
+                )
 
 
 def _target_code(code: str, target: torch.dtype | None) -> str:
@@ -425,21 +445,22 @@ def _rewrite_safetensors_shard(
     names = sorted(header, key=lambda name: offsets[name][0])
     layout = {name: (_target_code(header[name][0], target), header[name][1]) for name in names}
 
-    def tensors() -> Iterator[Any]:
-        with open(source, "rb") as file:
-            for name in names:
-                begin, end = offsets[name]
-                file.seek(data_start + begin)
-                raw = bytearray(end - begin)
-                if file.readinto(raw) != len(raw):
-                    raise ConversionError(f"{source} is truncated: tensor {name} lies past its end.")
-                code = header[name][0]
-                if raw and layout[name][0] != code:
-                    yield torch.frombuffer(raw, dtype=CASTABLE_DTYPES[code]).to(target)
-                else:
-                    yield raw
+    def pieces(file: Any, name: str) -> Iterator[Any]:
+        begin, end = offsets[name]
+        code = header[name][0]
+        cast = layout[name][0] != code
+        step = CHUNK_BYTES - CHUNK_BYTES % SAFETENSORS_ITEM_BYTES[code]
+        file.seek(data_start + begin)
+        remaining = end - begin
+        while remaining:
+            raw = bytearray(min(step, remaining))
+            if file.readinto(raw) != len(raw):
+                raise ConversionError(f"{source} is truncated: tensor {name} lies past its end.")
+            remaining -= len(raw)
+            yield torch.frombuffer(raw, dtype=CASTABLE_DTYPES[code]).to(target) if cast else raw
 
-    _write_safetensors(destination, layout, tensors())
+    with open(source, "rb") as file:  # each tensor's pieces are consumed before the next tensor's start
+        _write_safetensors(destination, layout, (pieces(file, name) for name in names))
     return {name: (code, _nbytes(code, shape)) for name, (code, shape) in layout.items()}
 
 
@@ -465,7 +486,7 @@ def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | No
             raise ConversionError(f"Tensor {name} of {source} has dtype {tensor.dtype}, which safetensors cannot hold.")
     layout = {name: (_target_code(codes[t.dtype], target), list(t.shape)) for name, t in state.items()}
     # Each tensor is written as its own bytes, so tied weights stored as views of one storage are no obstacle.
-    _write_safetensors(destination, layout, (_cast(state[name], target) for name in layout))
+    _write_safetensors(destination, layout, (_tensor_pieces(state[name], target) for name in layout))
     return {name: (code, _nbytes(code, shape)) for name, (code, shape) in layout.items()}
 
 
