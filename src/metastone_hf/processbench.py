@@ -149,7 +149,7 @@ class TraceTokens:
 
 def trace_tokens(tokenizer: Any, model_config: Any, prompt: str, steps: Sequence[str]) -> TraceTokens:
     """Tokenize ``prompt`` + the paragraphs joined by ``"\\n\\n"`` and map each paragraph to the step scoring it."""
-    from .scoring_metastone import sprm_score_mask, sprm_step_token_mask
+    from .scoring_metastone import sprm_step_token_mask
 
     starts, text = [], prompt
     for i, step in enumerate(steps):
@@ -163,15 +163,11 @@ def trace_tokens(tokenizer: Any, model_config: Any, prompt: str, steps: Sequence
         ids, list(model_config.step_token_ids), model_config.think_start_token_id, model_config.think_end_token_id
     )
     step_tokens = step_mask[0].nonzero().flatten().tolist()
-    if not torch.equal(sprm_score_mask(step_mask)[0].nonzero().flatten() + 1, torch.tensor(step_tokens).long()):
-        raise RuntimeError("Internal error: the score positions are not one before the step tokens.")
+    # The paragraph each step token starts in (-1: the prompt), in order; paragraph i is scored by the first step
+    # token at or after it.
     owner = [bisect.bisect_right(starts, encoded["offset_mapping"][t][0]) - 1 for t in step_tokens]
-    paragraph_step: list[int | None] = []
-    k = 0
-    for i in range(len(steps)):
-        while k < len(owner) and owner[k] < i:
-            k += 1
-        paragraph_step.append(k if k < len(owner) else None)
+    first_at_or_after = (bisect.bisect_left(owner, i) for i in range(len(steps)))
+    paragraph_step = [k if k < len(owner) else None for k in first_at_or_after]
     own = len({o for o in owner if o >= 0})
     return TraceTokens(encoded["input_ids"], paragraph_step, own, len(step_tokens))
 
@@ -226,16 +222,10 @@ def score_traces(
 
     tokenized = [trace_tokens(tokenizer, model.config, prompt_builder(t.problem), t.steps) for t in traces]
     scores: list[list[float | None]] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in tqdm(range(0, len(tokenized), batch_size), desc="processbench", disable=not progress_bar):
         batch = tokenized[start : start + batch_size]
-        width = max(len(t.input_ids) for t in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, t in enumerate(batch):
-            ids[row, width - len(t.input_ids) :] = torch.tensor(t.input_ids)
-            mask[row, width - len(t.input_ids) :] = 1
-        result = model.score_trajectories(ids, mask)
+        padded = tokenizer.pad({"input_ids": [t.input_ids for t in batch]}, padding_side="left", return_tensors="pt")
+        result = model.score_trajectories(padded["input_ids"], padded["attention_mask"])
         for row, t in enumerate(batch):
             steps = result.step_scores[row].tolist()
             if len(steps) != t.num_steps:
