@@ -473,7 +473,6 @@ class StepSearch:
         self.parked: list[_Rows] = []
         self.round = 0
         self.num_slots = self.batch
-        self.slot_base = torch.arange(self.batch, device=device)
         self.slots_per_prompt = torch.ones(self.batch, dtype=torch.long, device=device)
         self.alive = torch.ones(self.batch, dtype=torch.bool, device=device)
         self.tokens_generated = 0
@@ -551,9 +550,7 @@ class StepSearch:
         rows = self.rows
         processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive)
         probs = F.softmax(processed, dim=-1)
-        new_tokens = self.sampler.sample(
-            probs, rows.slot, rows.prompt, self.slot_base, self.slots_per_prompt, self.alive
-        )
+        new_tokens = self.sampler.sample(probs, rows.slot, rows.prompt, self.slots_per_prompt, self.alive)
         if not self.remove_stopped_rows:
             new_tokens = torch.where(self.alive, new_tokens, self.pad)
         position = self.prompt_length + rows.generated - 1  # score position of the new token
@@ -666,7 +663,6 @@ class StepSearch:
         self.rows.slot = torch.arange(self.num_slots, device=fanout.device)
         # Slots of one prompt are consecutive (rows are kept in prompt order), so a prompt's generator can draw them.
         self.slots_per_prompt = torch.bincount(self.rows.prompt, minlength=self.batch)
-        self.slot_base = self.slots_per_prompt.cumsum(0) - self.slots_per_prompt
         if not bool((self.rows.prompt[1:] >= self.rows.prompt[:-1]).all()):
             raise RuntimeError("Internal error: the search's rows are not in prompt order.")
         if groups is not None:

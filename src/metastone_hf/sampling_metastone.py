@@ -98,11 +98,8 @@ class RowwiseSampler:
         self.processors = list(logits_processor)
         self.criteria = list(stopping_criteria)
         self.prompt_length = prompt_length
-        self.generators: list[torch.Generator] | None = None
-        if prompt_seeds is not None:
-            if len(prompt_seeds) != num_prompts:
-                raise ValueError(f"Got {len(prompt_seeds)} seeds for {num_prompts} prompts: pass one seed per prompt.")
-            self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in prompt_seeds]
+        seeds = None if prompt_seeds is None else check_prompt_seeds(list(prompt_seeds), num_prompts)
+        self.generators = None if seeds is None else [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def _groups(self, generated: torch.Tensor, alive: torch.Tensor) -> list[tuple[torch.Tensor | None, int]]:
         """(rows, own width) for each group of live rows with the same number of generated tokens.
@@ -173,7 +170,6 @@ class RowwiseSampler:
         probs: torch.Tensor,
         slot: torch.Tensor,
         prompt: torch.Tensor,
-        slot_base: torch.Tensor,
         slots_per_prompt: torch.Tensor,
         alive: torch.Tensor,
     ) -> torch.Tensor:
@@ -183,7 +179,7 @@ class RowwiseSampler:
             probs: ``[R, V]`` the rows' sampling distributions.
             slot: ``[R]`` each row's slot in the round (slots of one prompt are consecutive).
             prompt: ``[R]`` each row's prompt.
-            slot_base / slots_per_prompt: ``[B]`` the first slot and the number of slots of each prompt this round.
+            slots_per_prompt: ``[B]`` the number of slots of each prompt this round (prompt 0's come first).
             alive: ``[R]`` rows still decoding; a prompt's generator draws only while it has one.
         """
         vocab = probs.shape[-1]
@@ -191,6 +187,7 @@ class RowwiseSampler:
             q = torch.empty((int(slots_per_prompt.sum()), vocab), dtype=probs.dtype, device=probs.device)
             return (probs / q.exponential_(1)[slot]).argmax(dim=-1)
         q = torch.ones_like(probs)
+        slot_base = slots_per_prompt.cumsum(0) - slots_per_prompt
         for b in prompt[alive].unique().tolist():
             members = (prompt == b).nonzero().flatten()
             drawn = torch.empty((int(slots_per_prompt[b]), vocab), dtype=probs.dtype, device=probs.device)
