@@ -326,7 +326,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.data == "processbench":
         return cmd_eval_processbench(args)
-    from .eval_runner import EvalPlan, run_evaluation, run_settings
+    from .eval_runner import EvalPlan, resolve_sampling, run_evaluation, run_settings
     from .evaluation import (
         EVAL_PROTOCOLS,
         build_prompt_builder,
@@ -336,7 +336,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot_accuracy_vs_tokens,
         protocol_record,
         resolve_prompt_template,
-        resolve_protocol,
         save_report,
         summarize_records,
         tokens_curves,
@@ -374,16 +373,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples = _samples_per_question(
         EVAL_PROTOCOLS[args.protocol].samples_per_question if requested is None else requested, budgets
     )
-    protocol, overridden = resolve_protocol(
+    protocol, samples, overridden = resolve_sampling(
         args.protocol,
+        presets,
+        samples,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,
     )
-    if samples != (protocol.samples_per_question or max(presets.values())):
-        overridden = sorted([*overridden, "samples_per_question"])
     plan = EvalPlan(protocol, samples, budgets, tuple(dict.fromkeys(args.search)), args.beam_width, args.seed)
     settings = run_settings(plan, examples, args.model, args.data, template, str(model.dtype))
     out_dir = Path(args.output_dir)

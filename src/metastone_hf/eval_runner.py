@@ -92,6 +92,25 @@ class EvalPlan:
         return runs
 
 
+def resolve_sampling(
+    protocol: str | EvalProtocol,
+    presets: dict[str, int],
+    num_samples: int | None = None,
+    **overrides: Any,
+) -> tuple[EvalProtocol, int, list[str]]:
+    """The protocol with ``overrides`` applied, ``M`` candidates per question and the names of what was overridden.
+
+    ``M`` defaults to the protocol's ``samples_per_question``, else the largest N of ``presets``; any other ``M``
+    is an override too.
+    """
+    settings, overridden = resolve_protocol(protocol, **overrides)
+    default_samples = settings.samples_per_question or max(presets.values())
+    samples = default_samples if num_samples is None else num_samples
+    if samples != default_samples:
+        overridden = sorted([*overridden, "samples_per_question"])
+    return settings, samples, overridden
+
+
 def _question_hash(examples: Sequence[EvalExample]) -> str:
     digest = hashlib.sha256()
     for example in examples:
@@ -193,6 +212,7 @@ def question_records(
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         prompt_length = inputs["input_ids"].shape[1]
         golds = [parse_gold(examples[i].answer) is not None for i in batch]
+        seeds = [question_seed(plan.seed, i) for i in batch]
         results: list[dict[str, Any]] = [{} for _ in batch]
         for key, search, n in runs:
             options: dict[str, Any] = {"search": search}
@@ -208,7 +228,7 @@ def question_records(
                 repetition_penalty=settings.repetition_penalty,
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
-                seed=[question_seed(plan.seed, i) for i in batch],
+                seed=seeds,
                 progress_bar=False,
                 **options,
                 **(generate_kwargs or {}),
@@ -283,18 +303,16 @@ def run_best_of_n_eval(
             samples from a generator of its own (``question_seed(seed, i)``): the records do not depend on it.
         generate_kwargs: any other ``generate`` argument (``min_p``, ``stop_strings``, ...).
     """
-    settings, overridden = resolve_protocol(
+    settings, samples, overridden = resolve_sampling(
         protocol,
+        model.config.reasoning_effort_presets,
+        num_samples,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         max_new_tokens=max_new_tokens,
     )
-    default_samples = settings.samples_per_question or max(model.config.reasoning_effort_presets.values())
-    samples = default_samples if num_samples is None else num_samples
-    if samples != default_samples:
-        overridden = sorted([*overridden, "samples_per_question"])
     plan = EvalPlan(settings, samples, {str(samples): samples}, ("best_of_n",), seed=seed)
     records = list(
         question_records(
@@ -413,6 +431,7 @@ __all__ = [
     "default_batch_size",
     "question_records",
     "question_seed",
+    "resolve_sampling",
     "run_best_of_n_eval",
     "run_evaluation",
     "run_settings",

@@ -40,11 +40,14 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as JSON to ``path`` so that a kill leaves either the old file or the new one."""
+def write_json_atomic(path: Path, payload: Any, default: Any = None) -> None:
+    """Write ``payload`` as JSON to ``path`` so that a kill leaves either the old file or the new one.
+
+    ``default`` is ``json.dump``'s: how to write values JSON has no type for.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
+        json.dump(payload, handle, indent=1, sort_keys=True, default=default)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -9,7 +9,6 @@ and the protocol actually used is recorded in the summary and the report.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -185,7 +184,8 @@ def grade_answer(completion: str, gold: str) -> bool:
     gold_parsed = parse_gold(gold)
     if gold_parsed is None:
         return False
-    return bool(_math_verify().verify(gold_parsed, _math_verify().parse(completion)))
+    mv = _math_verify()
+    return bool(mv.verify(gold_parsed, mv.parse(completion)))
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -343,6 +343,11 @@ def records_to_eval_records(records: Sequence[Mapping[str, Any]], protocol: dict
     )
 
 
+def chosen_correct(run: Mapping[str, Any]) -> bool:
+    """Whether the candidate a run of a question record chose (``run["chosen"]``) is correct."""
+    return bool(run["correct"][run["chosen"]])
+
+
 def throughput(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per process of each run that wrote records: questions, seconds, tokens generated, tokens/s, peak memory."""
     groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
@@ -407,7 +412,7 @@ def summarize_records(
             runs = [r["results"].get(f"{search}@{n}") for r in records]
             if not records or any(run is None for run in runs):
                 continue
-            right = np.array([float(run["correct"][run["chosen"]]) for run in runs])
+            right = np.array([float(chosen_correct(run)) for run in runs])
             low, high = bootstrap_ci(right, confidence)
             summary["metrics"][metric_key(search, n, label)] = {
                 "mean": float(right.mean()),
@@ -607,7 +612,7 @@ def save_report(summary: dict[str, Any], records: EvalRecords | Sequence[Mapping
         questions = list(records)
         for key in questions[0]["results"] if questions else []:
             if key != "best_of_n":
-                searches[key] = [bool(q["results"][key]["correct"][q["results"][key]["chosen"]]) for q in questions]
+                searches[key] = [chosen_correct(q["results"][key]) for q in questions]
         has_best_of_n = bool(questions) and "best_of_n" in questions[0]["results"]
         records = records_to_eval_records(questions) if has_best_of_n else None
     payload: dict[str, Any] = {"summary": summary}
@@ -621,7 +626,7 @@ def save_report(summary: dict[str, Any], records: EvalRecords | Sequence[Mapping
         payload["searches"] = searches
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, json.loads(json.dumps(payload, default=_json_default)))
+    write_json_atomic(path, payload, default=_json_default)
     return path
 
 
