@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -198,10 +197,7 @@ class EvalStore:
 
     def clear_markers(self) -> None:
         for path in self.folder.glob(".done.*"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
 
 __all__ = ["RECORDS_FILE", "SETTINGS_FILE", "EvalStore", "ResumeMismatchError", "write_json_atomic"]
