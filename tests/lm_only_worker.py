@@ -1,9 +1,9 @@
 """Worker of ``test_training_lm_only.py``: LM-loss-only training of a MetaStone model on every rank.
 
 ``accelerate launch ... lm_only_worker.py OUT TRAINER`` with ``TRAINER`` = ``sft`` (TRL's ``SFTTrainer``, whose
-fused LM-head path never runs the SPRM head: the head is frozen, as the README says to) or ``trainer``
-(transformers' ``Trainer`` on ``labels``: the head stays trainable and gets an exact zero gradient). Gradient
-checkpointing is on. Writes ``rank<N>.json`` with what the test checks.
+fused LM-head path never runs the SPRM head) or ``trainer`` (transformers' ``Trainer`` on ``labels``, the model's
+own LM loss). Either way the head is frozen first, as the README says to. Gradient checkpointing is on. Writes
+``rank<N>.json`` with what the test checks.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def worker(output_dir: str, trainer_kind: str) -> None:
         "disable_tqdm": True,
     }
     dataset = Dataset.from_dict({"text": texts})
+    model.sprm_head.requires_grad_(False)
     if trainer_kind == "sft":
-        model.sprm_head.requires_grad_(False)
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer)
     else:
         tokenized = dataset.map(lambda row: tokenizer(row["text"]), remove_columns=["text"])

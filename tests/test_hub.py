@@ -217,7 +217,7 @@ def test_atomic_output_dir_leaves_the_old_or_the_new_folder_at_every_failure_poi
     """Failure inside the block, at the first rename (old folder aside) or the second (new folder in)."""
     import os
 
-    from metastone_hf.hub import atomic_output_dir
+    from metastone_hf.atomic_writes import atomic_output_dir
 
     target = tmp_path / "ckpt"
     target.mkdir()

@@ -1,8 +1,8 @@
 """LM-loss-only training of a MetaStone model (SFT) in 2 processes with gradient checkpointing (gloo DDP on CPU).
 
-DDP fails on a trainable parameter that receives no gradient, and the SPRM head receives none from an LM loss.
-TRL's ``SFTTrainer`` computes the loss through its fused LM-head path, which never runs the head: the head is frozen
-there. transformers' ``Trainer`` uses the model's own loss, to which the head contributes an exact zero gradient.
+DDP fails on a trainable parameter that receives no gradient, and the SPRM head receives none from an LM loss: the
+head is frozen, then TRL's ``SFTTrainer`` (its fused LM-head path) and transformers' ``Trainer`` (the model's own
+loss) both train the policy alone.
 """
 
 from __future__ import annotations

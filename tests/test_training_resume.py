@@ -113,7 +113,7 @@ def test_a_save_that_fails_midway_leaves_no_checkpoint(tmp_path, monkeypatch):
         trainer.train()
     # the model and optimizer of step 4 were written, but only into the hidden staging folder
     assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [
-        ".partial-checkpoint-4",
+        "_partial-checkpoint-4",
         "checkpoint-2",
     ]
     assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-2")

@@ -292,7 +292,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_eval_processbench(args: argparse.Namespace) -> int:
     """``metastone eval --data processbench``: the head as a PRM, ProcessBench's first-error metric per split."""
-    from .eval_store import write_json_atomic
+    from .atomic_writes import write_json_atomic
     from .evaluation import build_prompt_builder, resolve_prompt_template
     from .math_datasets import DatasetDownloadError
     from .processbench import evaluate_processbench, format_processbench, load_processbench

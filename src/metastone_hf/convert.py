@@ -40,8 +40,9 @@ from typing import Any
 
 import torch
 
+from .atomic_writes import atomic_output_dir
 from .configuration_metastone import STEP_TOKEN_MODES, MetaStoneConfig
-from .hub import atomic_output_dir, write_model_card
+from .hub import write_model_card
 from .modeling_metastone import MetaStoneForCausalLMWithSPRM
 
 logger = logging.getLogger(__name__)

@@ -20,37 +20,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic_writes import atomic_file, write_json_atomic
+
 RECORDS_FILE = "records.jsonl"
 SETTINGS_FILE = "run.json"
 
 
 class ResumeMismatchError(ValueError):
     """The output folder holds a run with other settings; the message names every setting that differs."""
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Any, default: Any = None) -> None:
-    """Write ``payload`` as JSON to ``path`` so that a kill leaves either the old file or the new one.
-
-    ``default`` is ``json.dump``'s: how to write values JSON has no type for.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True, default=default)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -179,14 +156,9 @@ class EvalStore:
     def consolidate(self, records: Iterable[dict[str, Any]]) -> Path:
         """Main process, once every process is done: ``records.jsonl`` holds every record in question order."""
         main = self.folder / RECORDS_FILE
-        tmp = self.folder / f".{RECORDS_FILE}.tmp-{os.getpid()}"
-        with tmp.open("w", encoding="utf-8") as handle:
+        with atomic_file(main) as handle:
             for record in sorted(records, key=lambda r: int(r["index"])):
                 handle.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, main)
-        _fsync_directory(self.folder)
         for path in self.record_files():
             if path != main:
                 path.unlink()
@@ -200,4 +172,4 @@ class EvalStore:
             path.unlink(missing_ok=True)
 
 
-__all__ = ["RECORDS_FILE", "SETTINGS_FILE", "EvalStore", "ResumeMismatchError", "write_json_atomic"]
+__all__ = ["RECORDS_FILE", "SETTINGS_FILE", "EvalStore", "ResumeMismatchError"]

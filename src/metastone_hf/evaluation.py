@@ -574,9 +574,11 @@ def _save_plot(fig: Any, ax: Any, xlabel: str, title: str, path: str | Path) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    from .atomic_writes import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -605,7 +607,7 @@ def save_report(summary: dict[str, Any], records: EvalRecords | Sequence[Mapping
     Best-of-N candidates' ``correct`` / ``scores`` / ``answers`` and, under ``searches``, whether each search's
     chosen candidate was correct per question (``records.jsonl`` has everything else).
     """
-    from .eval_store import write_json_atomic
+    from .atomic_writes import write_json_atomic
 
     searches: dict[str, list[bool]] = {}
     if not isinstance(records, EvalRecords):

@@ -10,19 +10,17 @@ results and leaderboards read. :func:`eval_results_from_report` turns a ``metast
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic_writes import atomic_output_dir
 from .math_datasets import MATH_DATASETS
 from .modeling_metastone import MetaStoneForCausalLMWithSPRM
 
@@ -35,47 +33,6 @@ DEFAULT_TRAINING_RECIPE = (
     "class-balanced (positive factor 1.5); features reach the head with the backbone gradient scaled by 1e-4; "
     "head learning rate 1e-5, policy 1e-6, AdamW (weight decay 0.01), gradient clipping 1.0."
 )
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh staging folder; on success it replaces ``output_dir``.
-
-    Raises ``FileExistsError`` up front when ``output_dir`` exists and ``overwrite`` is false. On any error inside
-    the block the staging folder is removed and ``output_dir`` is left exactly as it was. Replacing an existing
-    folder takes two renames (the old folder aside, the new one in); if the second fails, the old folder is renamed
-    back, so a failure at any point leaves either the old folder or the new one at ``output_dir``, never neither.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already exists; choose another folder or pass overwrite=True (--overwrite) to replace it."
-        )
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder; refusing to replace it.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        yield staging
-        if output_dir.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            try:
-                os.replace(output_dir, backup / "old")
-            except BaseException:
-                shutil.rmtree(backup, ignore_errors=True)  # still empty: output_dir was not moved
-                raise
-            try:
-                os.replace(staging, output_dir)
-            except BaseException:
-                os.replace(backup / "old", output_dir)
-                shutil.rmtree(backup, ignore_errors=True)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 OFFICIAL_REPOSITORY = "https://github.com/MetaStone-AI/MetaStone-S1"

@@ -197,10 +197,10 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
 
         Args:
             return_sprm_logits: compute the head on the positions kept by ``logits_to_keep`` (default). The
-                head is ~0.4% of a 7B forward. With ``labels`` (LM-loss training such as SFT) the head receives an
-                exact zero gradient, so distributed data parallel sees every parameter used; with
-                ``return_sprm_logits=False`` in DDP training, freeze the head (``sprm_head.requires_grad_(False)``).
-                Under weight decay a trainable head with zero gradient still decays: freeze it to keep it exact.
+                head is ~0.4% of a 7B forward. ``labels`` give the LM loss alone, which never reaches the head: for
+                LM-loss-only training (SFT, DPO) freeze the head (``sprm_head.requires_grad_(False)``), or
+                distributed data parallel stops on a trainable parameter without a gradient and weight decay
+                shrinks the head.
             Other arguments: as ``Qwen2ForCausalLM.forward``.
         """
         backbone_inputs = {
@@ -232,11 +232,6 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             all_positions_kept = isinstance(logits_to_keep, int) and logits_to_keep == 0
             if input_ids is not None and all_positions_kept and _no_cached_prefix(outputs.cache, input_ids):
                 score_mask = self.sprm_score_mask(input_ids, attention_mask).long()
-            if loss is not None and sprm_logits.requires_grad:
-                # LM-loss-only training (SFT): the head gets an exact zero gradient instead of none, so that DDP,
-                # which fails on trainable parameters left out of the loss, accepts it. nan_to_num keeps a
-                # broken head from turning the LM loss into NaN.
-                loss = loss + torch.nan_to_num(sprm_logits.float(), 0.0, 0.0, 0.0).sum() * 0.0
 
         return MetaStoneCausalLMOutputWithPast(
             loss=loss,

@@ -473,8 +473,9 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
 
     from transformers.utils import logging as hf_logging
 
+    from ..atomic_writes import atomic_output_dir
     from ..evaluation import plot_accuracy_vs_n, plot_accuracy_vs_tokens, save_report
-    from ..hub import EvalDataset, atomic_output_dir, eval_results_from_report, save_checkpoint
+    from ..hub import EvalDataset, eval_results_from_report, save_checkpoint
 
     DEMO_EVAL_DATASET = EvalDataset(
         name="Stale-fact pointer chase (synthetic, metastone demo)",

@@ -13,26 +13,34 @@
 * the SPR loss is divided by the gradient-accumulation steps like TRL's loss and shares its backward;
 * ``sprm/*`` metrics go through the Trainer's logging; the head is saved with every checkpoint (it is part
   of the model, or of the adapter's ``modules_to_save`` with PEFT) and restored on resume.
+
+The head's optimizer group, schedule and clipping are in :mod:`metastone_hf.training.head_optimization`; checkpoints
+are written atomically by :class:`~metastone_hf.training.checkpoints.AtomicCheckpointsMixin`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_scheduler
-from transformers.trainer_optimizer import is_optimizer_factory
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, rotate_checkpoints
+from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig, GRPOTrainer
 
 from ..lora import sprm_peft_config
+from .checkpoints import AtomicCheckpointsMixin
+from .head_optimization import (
+    clip_gradients,
+    give_head_its_schedule,
+    move_head_to_own_group,
+    schedule_lambda,
+    split_policy_and_head,
+)
 from .loss import STAT_KEYS, grad_scaled_features, sprm_loss, sprm_metrics_from_stats, stack_stats
 
 logger = logging.getLogger(__name__)
@@ -210,7 +218,7 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-class SPRMGRPOTrainer(GRPOTrainer):
+class SPRMGRPOTrainer(AtomicCheckpointsMixin, GRPOTrainer):
     """TRL's [`~trl.GRPOTrainer`] that also trains the MetaStone SPRM head with the SPR loss.
 
     Takes exactly the arguments of ``GRPOTrainer`` (``model`` may be a MetaStone checkpoint path or a
@@ -409,52 +417,31 @@ class SPRMGRPOTrainer(GRPOTrainer):
             self._metrics[mode][f"sprm/{key}"].append(value)
         return loss
 
-    # ------------------------------------------------------------------ optimizer
+    # ------------------------------------------------------------------ the head's optimizer group, schedule, clipping
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Trainer's optimizer with the SPRM head in its own parameter group (``sprm_learning_rate``)."""
-        opt_model = self.model if model is None else model
-        if self.optimizer is not None or self.args.sprm_learning_rate is None:
-            return super().create_optimizer(model)
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        optimizer_kwargs = dict(optimizer_kwargs)
-        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            logger.warning(
-                "The optimizer `%s` builds its own parameter groups; the SPRM head shares the policy's learning rate.",
-                self.args.optim,
+        """Trainer's optimizer, with the SPRM head in its own parameter group (``sprm_learning_rate``)."""
+        built_here = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if built_here and self.args.sprm_learning_rate is not None:
+            moved = move_head_to_own_group(
+                optimizer, self._sprm_head_parameters(), self.args.sprm_learning_rate, self.args.sprm_weight_decay
             )
-            return super().create_optimizer(model)
-
-        head_ids = {id(p) for p in self._sprm_head_parameters()}
-        decay_names = set(self.get_decay_parameter_names(opt_model))
-        policy = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in head_ids]
-        head = [p for p in opt_model.parameters() if id(p) in head_ids]
-        groups = [
-            {"params": [p for n, p in policy if n in decay_names], "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in policy if n not in decay_names], "weight_decay": 0.0},
-            {
-                "params": head,
-                "weight_decay": self.args.sprm_weight_decay,
-                "lr": self.args.sprm_learning_rate,
-                "name": "sprm_head",
-            },
-        ]
-        groups = [g for g in groups if g["params"]]
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+            if not moved:
+                logger.warning(
+                    "The optimizer `%s` builds its own parameter groups; the SPRM head shares the policy's learning "
+                    "rate.",
+                    self.args.optim,
+                )
+        return optimizer
 
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """Trainer's scheduler for the policy; the head's group follows ``sprm_lr_scheduler_type`` (constant)."""
-        already_built = self.lr_scheduler is not None
+        built_here = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         head_type = self.args.sprm_lr_scheduler_type
-        groups = list(getattr(scheduler, "optimizer", optimizer or self.optimizer).param_groups)
-        head_index = next((i for i, g in enumerate(groups) if g.get("name") == "sprm_head"), None)
-        if already_built or head_type is None or head_index is None:
+        if not built_here or head_type is None:
             return scheduler
         if not isinstance(scheduler, LambdaLR):
             raise ValueError(
@@ -462,30 +449,18 @@ class SPRMGRPOTrainer(GRPOTrainer):
                 "give the SPRM head its own schedule: set `sprm_lr_scheduler_type=None` (the head follows the policy) "
                 "or use a LambdaLR-based schedule (constant, linear, cosine, ...)."
             )
-        head_lambda = _schedule_lambda(head_type, self.args.get_warmup_steps(num_training_steps), num_training_steps)
-        scheduler.lr_lambdas[head_index] = head_lambda
-        lr = scheduler.base_lrs[head_index] * head_lambda(scheduler.last_epoch)
-        groups[head_index]["lr"] = lr
-        scheduler._last_lr[head_index] = lr
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        give_head_its_schedule(scheduler, schedule_lambda(head_type, warmup, num_training_steps))
         return scheduler
 
-    # ------------------------------------------------------------------ gradient clipping
     def _clips_head_separately(self) -> bool:
         return self.args.sprm_max_grad_norm is not None and not self.is_deepspeed_enabled
-
-    def _policy_and_head_parameters(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        head_ids = {id(p) for p in self._sprm_head_parameters()}
-        policy: list[nn.Parameter] = []
-        head: list[nn.Parameter] = []
-        for parameter in model.parameters():
-            (head if id(parameter) in head_ids else policy).append(parameter)
-        return policy, head
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         """Clip the policy's gradients to ``max_grad_norm``, leaving the head's out of the norm; returns its norm."""
         if not self._clips_head_separately():
             return super()._clip_grad_norm(model)
-        policy, _ = self._policy_and_head_parameters(model)
+        policy, _ = split_policy_and_head(model.parameters(), self._sprm_head_parameters())
         return self.accelerator.clip_grad_norm_(policy, self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
@@ -495,51 +470,13 @@ class SPRMGRPOTrainer(GRPOTrainer):
         gradients are unscaled and synchronised across processes.
         """
         if self._clips_head_separately():
-            policy, head = self._policy_and_head_parameters(model)
+            policy, head = split_policy_and_head(model.parameters(), self._sprm_head_parameters())
             if grad_norm is None:
                 grad_norm = self.accelerator.clip_grad_norm_(policy, float("inf"))  # measure only
-            head_norm = _clip_gradients(head, self.args.sprm_max_grad_norm or float("inf"))
-            self._metrics["train"]["sprm/grad_norm"].append(head_norm)
+            self._metrics["train"]["sprm/grad_norm"].append(clip_gradients(head, self.args.sprm_max_grad_norm))
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Trainer's checkpoint, written to a hidden staging folder and renamed into place when complete.
-
-        A run killed while saving leaves only ``.partial-checkpoint-N`` (ignored by ``get_last_checkpoint``, removed
-        by the next save), never a half-written ``checkpoint-N`` that resuming would pick up.
-        """
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, f".partial-{name}")
-        if self.args.should_save and os.path.isdir(staging_root):
-            shutil.rmtree(staging_root)  # left by a run killed while saving
-        self.accelerator.wait_for_everyone()
-        os.makedirs(staging_root, exist_ok=True)
-        get_output_dir = self._get_output_dir
-        self._get_output_dir = lambda trial=None: staging_root  # every rank writes its files into the staging folder
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._get_output_dir = get_output_dir
-        self.accelerator.wait_for_everyone()
-        final = os.path.join(run_dir, name)
-        if self.args.should_save:
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging_root, name), final)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
-                self.state.best_model_checkpoint = os.path.join(
-                    run_dir, os.path.basename(self.state.best_model_checkpoint)
-                )
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
-
+    # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         """Trainer's ``save_pretrained`` folder, with two engine fixes (``save_model`` calls this on every rank).
 
@@ -552,13 +489,8 @@ class SPRMGRPOTrainer(GRPOTrainer):
             master_head = self._fp32_master_head()  # on every rank: gathering ZeRO-3 partitions is a collective
             if state_dict:  # under ZeRO-3 only the main process holds the gathered state dict
                 state_dict = {**state_dict, **master_head}
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        sharded_class = type(model)
-        model.__class__ = _class_without_fsdp(sharded_class)
-        try:
+        with _saved_as_own_class(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
             super()._save(output_dir, state_dict=state_dict)
-        finally:
-            model.__class__ = sharded_class
 
     def _fp32_master_head(self) -> dict[str, torch.Tensor]:
         """The head's float32 master weights kept by DeepSpeed's ZeRO optimizer, named as in the model's state dict.
@@ -597,37 +529,27 @@ def send_backbone_only_to_vllm(generation: Any) -> Any:
     return generation
 
 
-def _schedule_lambda(name: str, num_warmup_steps: int, num_training_steps: int) -> Callable[[int], float]:
-    """The learning-rate multiplier of transformers' schedule ``name``, as a function of the step."""
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedule = get_scheduler(name, probe, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
-    if not isinstance(schedule, LambdaLR):
-        raise ValueError(
-            f"`sprm_lr_scheduler_type={name!r}` is not a LambdaLR-based schedule; use constant, linear, cosine, ..."
-        )
-    return schedule.lr_lambdas[0]
+@contextlib.contextmanager
+def _saved_as_own_class(model: nn.Module) -> Iterator[None]:
+    """Give a model sharded by FSDP2 its own class while it is saved.
 
-
-def _class_without_fsdp(cls: type) -> type:
-    """``cls`` itself, or for the class FSDP2's ``fully_shard`` generates (``FSDP<Name>``), the model's own class."""
+    ``fully_shard`` gives the model a class generated in torch (``FSDP<Name>``); ``save_pretrained`` would record it
+    in ``auto_map`` and copy torch's files as the remote code.
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
-        return cls
-    if not issubclass(cls, FSDPModule):
-        return cls
-    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule))
-
-
-def _clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the gradients of ``parameters`` to ``max_norm`` (inf: measure only); returns their pre-clip norm."""
-    with_grad = [p for p in parameters if p.grad is not None]
-    if not with_grad:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
-    if hasattr(norm, "full_tensor"):  # a DTensor norm of FSDP2-sharded gradients
-        norm = norm.full_tensor()
-    return float(norm)
+        yield
+        return
+    sharded_class = type(model)
+    if not issubclass(sharded_class, FSDPModule):
+        yield
+        return
+    model.__class__ = next(base for base in sharded_class.__mro__ if not issubclass(base, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = sharded_class
 
 
 __all__ = ["TRUNCATED_MODES", "SPRMGRPOConfig", "SPRMGRPOTrainer"]
