@@ -949,7 +949,7 @@ def beam_search(
     stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
     num_candidates: int = 8,
-    beam_width: int = 2,
+    beam_width: int = 4,
     ranking: str = "mean",
     selection: str | SelectionStrategy = "sprm",
     answer_extractor: AnswerExtractor | None = None,
@@ -958,16 +958,22 @@ def beam_search(
     prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
-    """Beam search over steps: N continuations per round, sampled to the next step; the best M beams survive.
+    """Beam search over steps, as search-and-learn's: N rows per round, the N/M best survive, M children each.
 
-    Each surviving beam expands into about N/M children; finished trajectories are kept until N are done.
+    ``prompt ─N→ steps ─keep N/M→ each ─M→ steps ─keep N/M→ ...`` (N = 8, M = 4: 8 children, 2 beams of 4 children)
+
+    Every round N rows sample to their next step; rows that finish (EOS, a stop, the length limit) are kept until the
+    prompt has N candidates, and the ``N // M`` best of the others (by ``ranking``) survive. The survivors share the
+    next round's N children, so each has M of them; when fewer than ``N // M`` are left, the better-ranked ones get
+    the extra children, as search-and-learn repeats its surviving beams up to N.
     """
     search = StepSearch(
         model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, num_candidates,
         progress_bar=progress_bar, prompt_seeds=prompt_seeds,
     )  # fmt: skip
+    beams_kept = num_candidates // beam_width
     search.expand(torch.full((search.batch,), num_candidates, device=input_ids.device), at_steps=True)
-    while (survivors := search.keep_best(search.decode(at_steps=True), beam_width, ranking)) is not None:
+    while (survivors := search.keep_best(search.decode(at_steps=True), beams_kept, ranking)) is not None:
         search.resume(survivors)
         search.expand(_split_budget(survivors, num_candidates), at_steps=True)
     return search.finish("beam", selection, answer_extractor, answer_tokenizer)
@@ -989,9 +995,12 @@ def dvts(
     prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
-    """Diverse Verifier Tree Search: N/M independent subtrees, each expanded M ways and continued greedily by score.
+    """Diverse Verifier Tree Search, as search-and-learn's: N/M independent subtrees, each expanded M ways per step.
 
-    Finished trajectories are kept until N are done; a subtree ends when all its children have finished.
+    ``prompt ─ N/M subtrees ─M→ steps ─keep 1→ ─M→ steps ─keep 1→ ...`` (N = 8, M = 4: 2 subtrees of 4 children)
+
+    Each subtree continues with its best child only (by ``ranking``), which again expands M ways. Finished
+    trajectories are kept until the prompt has N; a subtree ends when all its children have finished.
     """
     search = StepSearch(
         model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, num_candidates,
@@ -1007,6 +1016,22 @@ def dvts(
         search.resume(survivors)
         search.expand(_split_budget(survivors, beam_width), at_steps=True)
     return search.finish("dvts", selection, answer_extractor, answer_tokenizer)
+
+
+def default_beam_width(search: str, num_candidates: int) -> int:
+    """M when ``beam_width`` is not given: 4 for ``"beam"`` (N/4 beams kept) and N/4 for ``"dvts"`` (4 subtrees).
+
+    For N not a multiple of 4, ``k``, the largest divisor of N not above ``max(1, N // 4)``, is the number of beams
+    beam search keeps (M = N / k) and the children of each DVTS subtree (M = k): always a valid M.
+    """
+    k = max(d for d in range(1, max(1, num_candidates // 4) + 1) if num_candidates % d == 0)
+    return num_candidates // k if search == "beam" else k
+
+
+BEAM_WIDTH_MEANING = "children_per_beam"
+"""What ``beam_width`` M means, as in search-and-learn: the children each kept beam expands into (beam search keeps
+N/M beams per round, DVTS runs N/M subtrees). Evaluations record it with their settings, so that a run written
+when beam search's M was the number of beams kept is not resumed as if it were the same search."""
 
 
 SEARCH_STRATEGIES: dict[str, Callable[..., SearchOutput]] = {"best_of_n": best_of_n, "beam": beam_search, "dvts": dvts}
@@ -1085,14 +1110,20 @@ def search_generate(
 
     Args:
         model: a ``MetaStoneForCausalLMWithSPRM``.
-        search: ``"best_of_n"`` (the paper: N independent samples), ``"beam"`` (beam search over steps: at each step
-            the M best beams, ranked by ``ranking``, expand into N/M continuations each) or ``"dvts"`` (N/M
-            independent subtrees, each expanding its one beam M ways at every step and keeping the best). The step
-            searches need no extra scoring pass: each step is scored by the forward that sampled it.
+        search: ``"best_of_n"`` (the paper: N independent samples), ``"beam"`` or ``"dvts"``, the step searches of
+            search-and-learn, which need no extra scoring pass (each step is scored by the forward that sampled it):
+
+            * ``"beam"``: ``prompt ─N→ steps ─keep N/M→ each ─M→ steps ─keep N/M→ ...``: every round the N/M best
+              beams (by ``ranking``) survive and each expands into M children.
+            * ``"dvts"``: ``prompt ─ N/M subtrees ─M→ steps ─keep 1→ ─M→ ...``: N/M independent subtrees, each
+              expanding its one beam into M children at every step and continuing with the best.
         reasoning_effort: ``"low"``, ``"medium"`` or ``"high"`` (N = 2, 8, 32 by default), read from
             ``model.config.reasoning_effort_presets``. Exclusive with ``num_candidates``.
         num_candidates: N, the number of candidates returned per prompt (>= 1).
-        beam_width: M for ``"beam"`` and ``"dvts"``; N must be a multiple of M. Default: ``max(1, N // 4)``.
+        beam_width: M for ``"beam"`` and ``"dvts"``, search-and-learn's meaning: the children each kept beam
+            expands into (so beam search keeps N/M beams, DVTS runs N/M subtrees); N must be a multiple of M.
+            Default ([`default_beam_width`]): beam search keeps N/4 beams of 4 children, DVTS runs 4 subtrees of
+            N/4 children, when 4 divides N.
         ranking: how beams compete at a step: ``"mean"`` (default: the running geometric mean of their step scores,
             the score Best-of-N ranks finished trajectories by) or ``"last"`` (the score of the step just written).
         selection: ``"sprm"`` (argmax score, the paper), ``"sprm_vote"`` (answers weighted by SPRM score),
@@ -1144,7 +1175,7 @@ def search_generate(
     else:
         if prune_threshold is not None or prune_top_k is not None or not remove_stopped_rows:
             raise ValueError("Pruning options and `remove_stopped_rows=False` apply to `search='best_of_n'` only.")
-        width = max(1, n // 4) if beam_width is None else beam_width
+        width = default_beam_width(search, n) if beam_width is None else beam_width
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n or n % width:
             raise ValueError(
                 f"`beam_width` must be an int M with 1 <= M <= N and N a multiple of M (N={n}), got {beam_width!r}."
@@ -1222,6 +1253,7 @@ def best_of_n_generate(model: Any, *args: Any, **kwargs: Any) -> SearchOutput:
 
 
 __all__ = [
+    "BEAM_WIDTH_MEANING",
     "RANKINGS",
     "SEARCH_STRATEGIES",
     "SELECTION_STRATEGIES",
@@ -1232,6 +1264,7 @@ __all__ = [
     "beam_search",
     "best_of_n",
     "best_of_n_generate",
+    "default_beam_width",
     "dvts",
     "extract_boxed_answer",
     "last_boxed_content",

@@ -359,7 +359,8 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             search: ``"best_of_n"`` (default), ``"beam"`` (beam search over steps) or ``"dvts"``.
             reasoning_effort: ``"low"`` / ``"medium"`` / ``"high"`` -> N from ``config.reasoning_effort_presets``.
             num_candidates: N candidates per prompt (>= 1).
-            beam_width: M for beam search (M beams survive each step) and DVTS (N/M subtrees expanded M ways).
+            beam_width: M, the children each kept beam expands into: beam search keeps N/M beams per step, DVTS
+                runs N/M subtrees (search-and-learn's meaning).
             ranking: ``"mean"`` (running geometric mean, default) or ``"last"`` (last step's score) between beams.
             selection: ``"sprm"`` (default), ``"sprm_vote"``, ``"majority"`` or a callable.
             answer_extractor: decoded completion -> answer (voting); default: last ``\boxed{}`` via math-verify.
