@@ -164,6 +164,16 @@ def test_seed_is_reproducible_and_leaves_the_global_rng_alone(model):
     assert torch.equal(first.candidates, second.candidates) and torch.equal(first.scores, second.scores)
 
 
+def test_search_shows_no_progress_bar_unless_asked(model, capsys):
+    # transformers' `generate` shows none; a library call must not write to the caller's stderr by default.
+    ids = torch.tensor([[1, THINK, 9]])
+    for search in ("best_of_n", "beam", "dvts"):
+        model.generate(ids, search=search, num_candidates=2, seed=0, max_new_tokens=4, pad_token_id=PAD)
+        assert "search" not in capsys.readouterr().err
+    model.generate(ids, num_candidates=2, seed=0, max_new_tokens=4, pad_token_id=PAD, progress_bar=True)
+    assert "search" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- online == offline
 
 

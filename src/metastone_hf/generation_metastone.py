@@ -417,7 +417,7 @@ class StepSearch:
         num_candidates: N, the candidates to return per prompt.
         remove_stopped_rows: rows that stop leave the batch and the cache (default). ``False`` keeps them as padding
             until every row stops, like transformers' ``_sample`` (Best-of-N only; to measure what removal saves).
-        progress_bar: a tqdm bar over sampled tokens.
+        progress_bar: a tqdm bar over sampled tokens (default off).
         prompt_seeds: one seed per prompt: each prompt samples from a generator of its own, so its candidates do not
             depend on the other prompts of the call. ``None``: the global RNG (transformers' samples).
     """
@@ -432,7 +432,7 @@ class StepSearch:
         model_kwargs: dict[str, Any],
         num_candidates: int,
         remove_stopped_rows: bool = True,
-        progress_bar: bool = True,
+        progress_bar: bool = False,
         prompt_seeds: Sequence[int] | None = None,
     ):
         self.model = model
@@ -924,7 +924,7 @@ def best_of_n(
     prune_top_k: int | None = None,
     prune_min_steps: int = 3,
     remove_stopped_rows: bool = True,
-    progress_bar: bool = True,
+    progress_bar: bool = False,
     prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
@@ -954,7 +954,7 @@ def beam_search(
     selection: str | SelectionStrategy = "sprm",
     answer_extractor: AnswerExtractor | None = None,
     answer_tokenizer: Any | None = None,
-    progress_bar: bool = True,
+    progress_bar: bool = False,
     prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
@@ -991,7 +991,7 @@ def dvts(
     selection: str | SelectionStrategy = "sprm",
     answer_extractor: AnswerExtractor | None = None,
     answer_tokenizer: Any | None = None,
-    progress_bar: bool = True,
+    progress_bar: bool = False,
     prompt_seeds: Sequence[int] | None = None,
     **model_kwargs: Any,
 ) -> SearchOutput:
@@ -1099,7 +1099,7 @@ def search_generate(
     prune_top_k: int | None = None,
     prune_min_steps: int = 3,
     remove_stopped_rows: bool = True,
-    progress_bar: bool = True,
+    progress_bar: bool = False,
     seed: int | Sequence[int] | None = None,
     **kwargs: Any,
 ) -> SearchOutput:
@@ -1138,7 +1138,8 @@ def search_generate(
             step or think token is sampled, and never stops a prompt's last candidate that could still finish.
         remove_stopped_rows: stopped rows leave the batch and the cache (default). ``False`` (Best-of-N only) keeps
             them as padding until all stop, as transformers' ``_sample`` does; same samples, more compute.
-        progress_bar: a tqdm bar over sampled tokens (respects ``transformers`` progress-bar settings).
+        progress_bar: a tqdm bar over sampled tokens (respects ``transformers`` progress-bar settings). Off by
+            default, as transformers' ``generate`` shows none; the ``metastone`` CLI turns it on.
         seed: an int seeds the sampling RNG for this call only (the caller's RNG state is restored): the result is
             reproducible, and Best-of-N draws exactly the samples of transformers' ``generate(num_return_sequences=N)``
             after ``torch.manual_seed(seed)``. A list of one int per prompt gives every prompt a generator of its

@@ -366,7 +366,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             answer_extractor: decoded completion -> answer (voting); default: last ``\boxed{}`` via math-verify.
             prune_threshold / prune_top_k / prune_min_steps: opt-in SPRM-guided early stopping (Best-of-N).
             remove_stopped_rows: stopped rows leave the batch and the cache (default True).
-            progress_bar: tqdm bar over sampled tokens (default on).
+            progress_bar: tqdm bar over sampled tokens (default off, like transformers' ``generate``).
             seed: seed this call's sampling (the caller's RNG state is restored).
         """
         options = {
