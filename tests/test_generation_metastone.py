@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 
 import pytest
 import torch
 from conftest import END_THINK, STEP, THINK
+from reference import reference_majority, reference_sprm_vote
 from test_modeling_metastone import plain_twin
 from test_remote_code import CLEAN_LOADER, run_without_package
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -342,6 +344,34 @@ class DigitTokenizer:
         return rf"\boxed{{{sum(1 for t in ids if t == STEP) % 3}}}"
 
 
+def digit_answers(out) -> list[list[str]]:
+    """What [`DigitTokenizer`] and the default extractor make of each candidate: its step tokens counted mod 3."""
+    answers = []
+    for b in range(out.candidates.shape[0]):
+        row = []
+        for j in range(out.candidates.shape[1]):
+            n = int(out.num_generated_tokens[b, j])
+            real = out.candidates[b, j][out.candidate_attention_mask[b, j].bool()]
+            row.append(str(sum(1 for t in real[len(real) - n :].tolist() if t == STEP) % 3))
+        answers.append(row)
+    return answers
+
+
+def test_selection_strategies_equal_the_slow_reference_on_random_votes():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 9, (1,), generator=generator))
+        scores = torch.rand(n, generator=generator, dtype=torch.float64)
+        scores = torch.where(torch.rand(n, generator=generator) < 0.1, float("nan"), scores)
+        scores = torch.where(torch.rand(n, generator=generator) < 0.2, 0.5, scores)  # ties
+        pool = ["a", "b", "c", None]
+        answers = [pool[int(i)] for i in torch.randint(0, 4, (n,), generator=generator)]
+        assert select_majority(scores, answers) == reference_majority(answers), (scores, answers)
+        assert select_sprm_vote(scores, answers) == reference_sprm_vote(scores.tolist(), answers), (scores, answers)
+        best = max(range(n), key=lambda j: (-1.0 if math.isnan(scores[j]) else float(scores[j]), -j))
+        assert select_sprm(scores) == best
+
+
 @pytest.mark.parametrize("selection", ["sprm_vote", "majority"])
 def test_voting_end_to_end(model, selection):
     ids, mask = PROMPTS
@@ -356,10 +386,14 @@ def test_voting_end_to_end(model, selection):
         progress_bar=False,
         **STEPPY,
     )
-    strategy = {"sprm_vote": select_sprm_vote, "majority": select_majority}[selection]
     assert len(out.answers) == 2 and all(len(a) == 6 for a in out.answers)
+    assert out.answers == digit_answers(out)
     for b in range(2):
-        assert out.chosen_index[b].item() == strategy(out.scores[b], out.answers[b])
+        scores = out.log_scores[b].double().exp().tolist()
+        expected = reference_sprm_vote(scores, out.answers[b]) if selection == "sprm_vote" else None
+        expected = reference_majority(out.answers[b]) if expected is None else expected
+        assert out.chosen_index[b].item() == expected
+    assert len({a for answers in out.answers for a in answers}) > 1  # the vote had something to decide
     # a custom strategy is a plain function; it gets the answers when a tokenizer is given
     seen = []
     out = model.generate(

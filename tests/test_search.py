@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from conftest import STEP
+from reference import reference_majority
 from test_generation_metastone import (
     EOS,
     PAD,
@@ -18,7 +19,7 @@ from test_generation_metastone import (
     STEPPY,
     DigitTokenizer,
     assert_online_equals_offline,
-    select_majority,
+    digit_answers,
 )
 from test_remote_code import CLEAN_LOADER, run_without_package
 
@@ -192,8 +193,9 @@ def test_dvts_subtrees_are_independent_and_greedy(model):
 
 def test_voting_works_on_searched_candidates(model):
     out = run(model, "beam", selection="majority", tokenizer=DigitTokenizer())
+    assert out.answers == digit_answers(out)
     for b in range(2):
-        assert out.chosen_index[b].item() == select_majority(out.scores[b], out.answers[b])
+        assert out.chosen_index[b].item() == reference_majority(out.answers[b])
 
 
 def test_search_errors_are_clear(model):
