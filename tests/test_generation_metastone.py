@@ -15,8 +15,8 @@ from test_modeling_metastone import plain_twin
 from test_remote_code import CLEAN_LOADER, run_without_package
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from metastone_hf import BestOfNOutput
-from metastone_hf.generation_metastone import (
+from metastone_hf import SearchOutput
+from metastone_hf.selection_metastone import (
     extract_boxed_answer,
     last_boxed_content,
     select_majority,
@@ -49,7 +49,7 @@ def model():
     return tiny_metastone(seed=31)
 
 
-def offline(model, out: BestOfNOutput):
+def offline(model, out: SearchOutput):
     b, n, t = out.candidates.shape
     return model.score_trajectories(out.candidates.view(b * n, t), out.candidate_attention_mask.view(b * n, t))
 
@@ -58,7 +58,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def assert_online_equals_offline(model, out: BestOfNOutput) -> None:
+def assert_online_equals_offline(model, out: SearchOutput) -> None:
     b, n, _ = out.candidates.shape
     ref = offline(model, out)
     assert torch.equal(out.num_steps.flatten(), ref.num_steps)
@@ -135,7 +135,7 @@ def test_prefill_once_same_samples_as_num_return_sequences(model):
         out = model.generate(ids, attention_mask=mask, num_candidates=4, seed=11, progress_bar=False, **kwargs)
     finally:
         handle.remove()
-    assert isinstance(out, BestOfNOutput)
+    assert isinstance(out, SearchOutput)
     assert torch.equal(out.candidates.flatten(0, 1), expected)
     # The prompt went through the model once at batch size B (its last token too); then one new token per candidate
     # and step, in a batch that shrinks as candidates stop (EOS).
@@ -466,7 +466,7 @@ def test_best_of_n_from_a_remote_code_checkpoint(model, tmp_path):
     assert (folder / "generation_metastone.py").exists()
     ids, mask = PROMPTS
     got = run_without_package(BEST_OF_N_LOADER, tmp_path, str(folder), json.dumps([ids.tolist(), mask.tolist()]))
-    assert got["module"].startswith("transformers_modules") and got["module"].endswith("generation_metastone")
+    assert got["module"].startswith("transformers_modules") and got["module"].endswith("search_output_metastone")
     expected = model.generate(
         ids, attention_mask=mask, num_candidates=3, seed=6, max_new_tokens=12, progress_bar=False, **STEPPY
     )

@@ -21,9 +21,9 @@ from test_generation_metastone import (
     assert_online_equals_offline,
     digit_answers,
 )
-from test_remote_code import CLEAN_LOADER, run_without_package
+from test_remote_code import CLEAN_LOADER, REMOTE_CODE_SET, run_without_package
 
-from metastone_hf import SearchOutput
+from metastone_hf import SearchConfig, SearchOutput, search_generate
 from metastone_hf.generation_metastone import default_beam_width
 from metastone_hf.tiny import tiny_metastone
 
@@ -198,6 +198,23 @@ def test_voting_works_on_searched_candidates(model):
         assert out.chosen_index[b].item() == reference_majority(out.answers[b])
 
 
+def test_one_search_config_is_the_keywords_of_generate(model):
+    ids, mask = PROMPTS
+    settings = {"max_new_tokens": 20, **SEARCHY}
+    config = SearchConfig(search="dvts", num_candidates=8, beam_width=2, ranking="last", seed=[3, 4])
+    out = search_generate(model, ids, attention_mask=mask, search_config=config, **settings)
+    by_keywords = model.generate(
+        ids, attention_mask=mask, search="dvts", num_candidates=8, beam_width=2, ranking="last", seed=[3, 4], **settings
+    )
+    assert torch.equal(out.candidates, by_keywords.candidates) and torch.equal(
+        out.chosen_index, by_keywords.chosen_index
+    )
+    assert config.reasoning_effort is None and config.beam_width == 2  # the caller's config is left as it was
+    with pytest.raises(ValueError, match="either as keywords or as `search_config`"):
+        search_generate(model, ids, search_config=config, beam_width=4)
+    assert SearchConfig(search="beam").resolved({"medium": 8}).beam_width == 4
+
+
 def test_search_errors_are_clear(model):
     ids = torch.tensor([[1, 6, 9]])
     with pytest.raises(ValueError, match="Unknown `search`"):
@@ -268,7 +285,7 @@ SEARCH_LOADER = CLEAN_LOADER.split("\nout = {}\n")[0] + textwrap.dedent(
 def test_search_from_a_remote_code_checkpoint(model, tmp_path):
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
-    for name in ("generation_metastone.py", "sampling_metastone.py", "scoring_metastone.py"):
+    for name in REMOTE_CODE_SET:
         assert (folder / name).exists(), name
     ids, mask = PROMPTS
     got = run_without_package(SEARCH_LOADER, tmp_path, str(folder), json.dumps([ids.tolist(), mask.tolist()]))

@@ -115,7 +115,9 @@ def test_step_search_equals_the_slow_reference(model, monkeypatch, search, n, m,
         # the candidates, their scores and the pick
         assert out.candidate_nodes[b].tolist() == reference.candidate_nodes
         assert [generated_part(out, b, j) for j in range(n)] == reference.candidates
-        torch.testing.assert_close(out.scores[b].double(), torch.tensor(reference.scores, dtype=torch.float64), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            out.scores[b].double(), torch.tensor(reference.scores, dtype=torch.float64), atol=1e-4, rtol=0
+        )
         assert int(out.chosen_index[b]) == reference.chosen_index
     assert selections > 0  # beams were really dropped: the ranking decided something
     assert cut > 0  # top-p really cut some distributions
@@ -128,5 +130,8 @@ def test_the_reference_applies_the_papers_processors(model):
     _, processors = reference_processors(model, QUESTIONS[0], SAMPLING)
     kinds = {type(p) for p in processors}
     assert {
-        RepetitionPenaltyLogitsProcessor, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+        RepetitionPenaltyLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
     } <= kinds

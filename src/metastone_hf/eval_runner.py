@@ -199,7 +199,7 @@ def question_records(
     """
     from tqdm.auto import tqdm
 
-    from .generation_metastone import extract_boxed_answer
+    from .selection_metastone import extract_boxed_answer
 
     extractor = answer_extractor or extract_boxed_answer
     settings = plan.protocol

@@ -353,7 +353,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         Without ``search``, ``reasoning_effort`` and ``num_candidates`` this is exactly
         ``GenerationMixin.generate(*args, **kwargs)`` (TRL rollouts rely on it). With any of them it returns N
         candidates per prompt, each step scored online by the head in the forward that wrote it, and the chosen one
-        (a ``SearchOutput``); every argument is documented in ``generation_metastone.search_generate``.
+        (a ``SearchOutput``); every argument is documented in ``generation_metastone.SearchConfig``.
 
         Args:
             search: ``"best_of_n"`` (default), ``"beam"`` (beam search over steps) or ``"dvts"``.
