@@ -10,7 +10,7 @@ Variants, all sampling the same N candidates per prompt for the same seed:
 
 Timings are medians over ``--repeats`` interleaved runs of one process. Memory is the exact size of the tensors
 each method holds *for scoring* (summed ``nbytes``; CPU RSS is too coarse for kilobytes):
-(b) the sparse step records at the end of decoding (``BestOfNOutput.scoring_state_bytes``, the only state that grows)
+(b) the sparse step records at the end of decoding (``SearchOutput.scoring_state_bytes``, the only state that grows)
 plus the one-off ``[N, T]`` logit/flag tensors used to apply the step mask at the end; (c) the ``hidden_states``
 tuple of one batch-1 re-scoring forward; (d) for reference, ``generate(output_hidden_states=True)`` (every layer
 of every step, the naive online alternative), measured on the short case.
@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from metastone_hf import generation_metastone, scoring_metastone
+from metastone_hf import scoring_metastone, search_tree_metastone
 from metastone_hf.tiny import tiny_metastone
 
 STEP, THINK = 5, 6
@@ -97,7 +97,7 @@ def scorer_share(model, args) -> tuple[float, float]:
     token: the incremental step rule and the per-row stop/step checks (``StepSearch._settle``).
     """
     spent = [0.0]
-    patched = [(generation_metastone.StepSearch, "_settle"), (scoring_metastone.IncrementalStepRule, "update")]
+    patched = [(search_tree_metastone.StepSearch, "_settle"), (scoring_metastone.IncrementalStepRule, "update")]
     originals = [(owner, name, getattr(owner, name)) for owner, name in patched]
 
     def timing(original):

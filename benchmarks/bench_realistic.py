@@ -111,7 +111,7 @@ TARGETS = {
 
 MiB = 2**20
 GiB = 2**30
-# One online-scorer step record (generation_metastone.StepRecords): an int64 position and a float32 logit.
+# One online-scorer step record (search_rows_metastone.StepRecords): an int64 position and a float32 logit.
 RECORD_BYTES = 8 + 4
 
 
@@ -692,7 +692,7 @@ def phase_generate(options: argparse.Namespace, argv: list[str], results: dict[s
     per_token = bon["scoring_state_bytes"] / generated
     density = records / generated
     print(
-        f"  online scorer state (BestOfNOutput.scoring_state_bytes): {bon['scoring_state_bytes']:,} B = "
+        f"  online scorer state (SearchOutput.scoring_state_bytes): {bon['scoring_state_bytes']:,} B = "
         f"{bon['scoring_state_bytes'] / max(records, 1):.1f} B x {records} step records (counted from the sequences) for {generated} generated tokens = {per_token:.2f} B per generated token "
         f"({density:.3f} records/token; {bon['step_tokens']} step tokens sampled, {bon['scored_steps']} scored after "
         f"the step mask); scores {[round(v, 4) for v in bon['scores']]}"

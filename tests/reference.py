@@ -63,3 +63,47 @@ def reference_official_scores(qwen_model, head: torch.nn.Module, ids: Sequence[i
         positions = reference_score_positions(ids, step_ids, think_start, think_end)
         logits = [head(features[p]).reshape(()).item() for p in positions]
     return reference_trajectory_score(logits), logits
+
+
+def reference_majority(answers: Sequence) -> int:
+    """Self-consistency: the first candidate of the most frequent answer (ties: the answer seen first); candidates
+    without an answer (``None``) do not vote; 0 when none has one."""
+    seen: list = []
+    for answer in answers:
+        if answer is not None and answer not in seen:
+            seen.append(answer)
+    if not seen:
+        return 0
+    best = seen[0]
+    for answer in seen[1:]:
+        if list(answers).count(answer) > list(answers).count(best):
+            best = answer
+    return list(answers).index(best)
+
+
+def reference_sprm_vote(scores: Sequence[float], answers: Sequence) -> int:
+    """SPRM-weighted vote: the answer with the largest sum of its candidates' scores (NaN weighs 0; ties: the answer
+    whose best candidate scores higher, then the one seen first) returns its best-scored candidate (the first on
+    ties); with no answer at all, the best-scored candidate (NaN ranks last)."""
+    scores = [float("-inf") if math.isnan(float(s)) else float(s) for s in scores]
+
+    def best_of(indices: list[int]) -> int:
+        best = indices[0]
+        for j in indices[1:]:
+            if scores[j] > scores[best]:
+                best = j
+        return best
+
+    seen: list = []
+    for answer in answers:
+        if answer is not None and answer not in seen:
+            seen.append(answer)
+    if not seen:
+        return best_of(list(range(len(scores))))
+    weight = {a: sum(max(scores[j], 0.0) for j in range(len(scores)) if answers[j] == a) for a in seen}
+    top = {a: best_of([j for j in range(len(scores)) if answers[j] == a]) for a in seen}
+    winner = seen[0]
+    for answer in seen[1:]:
+        if (weight[answer], scores[top[answer]]) > (weight[winner], scores[top[winner]]):
+            winner = answer
+    return top[winner]

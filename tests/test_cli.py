@@ -287,6 +287,16 @@ def test_generate_with_step_level_search(checkpoint, capsys):
         assert len(result[0]["scores"]) == 4
 
 
+def test_generate_shows_its_progress_bar_unless_told_not_to(checkpoint, capsys):
+    # `generate`'s own default is no bar; the command turns it on explicitly.
+    argv = ["generate", "--model", checkpoint, "--prompt", "one plus one", "--num-candidates", "2", "--max-new-tokens",
+            "4", "--json"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "search" in capsys.readouterr().err
+    assert cli.main([*argv, "--no-progress"]) == 0
+    assert "search" not in capsys.readouterr().err
+
+
 def test_input_errors_are_one_line_and_bugs_keep_their_traceback(checkpoint, tmp_path, monkeypatch, capsys):
     missing = str(tmp_path / "missing.jsonl")
     assert cli.main(["eval", "--model", checkpoint, "--data", missing]) == 2  # a user's mistake: one clean line

@@ -149,6 +149,27 @@ def test_a_resume_with_other_settings_is_refused(checkpoint, questions, uninterr
     assert all(set(r["results"]) == {"best_of_n"} for r in records_of(out))
 
 
+def test_a_run_written_when_beam_width_counted_the_beams_kept_is_not_resumed(
+    checkpoint, questions, uninterrupted, tmp_path, capsys
+):
+    # A run written before `beam_width` meant the children per kept beam has no `beam_width_meaning` in run.json;
+    # its beam search records were made with another tree, so resuming it would mix two searches.
+    saved = json.loads((uninterrupted / "run.json").read_text())
+    assert saved["beam_width_meaning"] == "children_per_beam"
+    out = tmp_path / "eval"
+    shutil.copytree(uninterrupted, out)
+    del saved["beam_width_meaning"]
+    (out / "run.json").write_text(json.dumps(saved))
+    assert cli.main(eval_args(checkpoint, questions, out, "--search", "best_of_n", "beam")) == 2
+    error = capsys.readouterr().err
+    assert "cannot be resumed" in error and "beam_width_meaning: '<absent>' -> 'children_per_beam'" in error
+    assert records_of(out) == records_of(uninterrupted)  # nothing lost
+    # A Best-of-N run has no beam width: nothing to record, so its run.json reads as before.
+    best_of_n_only = tmp_path / "bon"
+    assert cli.main(eval_args(checkpoint, questions, best_of_n_only, "--limit", "1")) == 0
+    assert "beam_width_meaning" not in json.loads((best_of_n_only / "run.json").read_text())
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_report(checkpoint, questions, uninterrupted, tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")

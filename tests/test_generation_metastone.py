@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 
 import pytest
 import torch
 from conftest import END_THINK, STEP, THINK
+from reference import reference_majority, reference_sprm_vote
 from test_modeling_metastone import plain_twin
 from test_remote_code import CLEAN_LOADER, run_without_package
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from metastone_hf import BestOfNOutput
-from metastone_hf.generation_metastone import (
+from metastone_hf import SearchOutput
+from metastone_hf.selection_metastone import (
     extract_boxed_answer,
     last_boxed_content,
     select_majority,
@@ -47,7 +49,7 @@ def model():
     return tiny_metastone(seed=31)
 
 
-def offline(model, out: BestOfNOutput):
+def offline(model, out: SearchOutput):
     b, n, t = out.candidates.shape
     return model.score_trajectories(out.candidates.view(b * n, t), out.candidate_attention_mask.view(b * n, t))
 
@@ -56,7 +58,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def assert_online_equals_offline(model, out: BestOfNOutput) -> None:
+def assert_online_equals_offline(model, out: SearchOutput) -> None:
     b, n, _ = out.candidates.shape
     ref = offline(model, out)
     assert torch.equal(out.num_steps.flatten(), ref.num_steps)
@@ -133,7 +135,7 @@ def test_prefill_once_same_samples_as_num_return_sequences(model):
         out = model.generate(ids, attention_mask=mask, num_candidates=4, seed=11, progress_bar=False, **kwargs)
     finally:
         handle.remove()
-    assert isinstance(out, BestOfNOutput)
+    assert isinstance(out, SearchOutput)
     assert torch.equal(out.candidates.flatten(0, 1), expected)
     # The prompt went through the model once at batch size B (its last token too); then one new token per candidate
     # and step, in a batch that shrinks as candidates stop (EOS).
@@ -162,6 +164,16 @@ def test_seed_is_reproducible_and_leaves_the_global_rng_alone(model):
     assert torch.equal(torch.get_rng_state(), state)
     second = model.generate(ids, attention_mask=mask, num_candidates=3, seed=7, max_new_tokens=8, progress_bar=False)
     assert torch.equal(first.candidates, second.candidates) and torch.equal(first.scores, second.scores)
+
+
+def test_search_shows_no_progress_bar_unless_asked(model, capsys):
+    # transformers' `generate` shows none; a library call must not write to the caller's stderr by default.
+    ids = torch.tensor([[1, THINK, 9]])
+    for search in ("best_of_n", "beam", "dvts"):
+        model.generate(ids, search=search, num_candidates=2, seed=0, max_new_tokens=4, pad_token_id=PAD)
+        assert "search" not in capsys.readouterr().err
+    model.generate(ids, num_candidates=2, seed=0, max_new_tokens=4, pad_token_id=PAD, progress_bar=True)
+    assert "search" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- online == offline
@@ -332,6 +344,34 @@ class DigitTokenizer:
         return rf"\boxed{{{sum(1 for t in ids if t == STEP) % 3}}}"
 
 
+def digit_answers(out) -> list[list[str]]:
+    """What [`DigitTokenizer`] and the default extractor make of each candidate: its step tokens counted mod 3."""
+    answers = []
+    for b in range(out.candidates.shape[0]):
+        row = []
+        for j in range(out.candidates.shape[1]):
+            n = int(out.num_generated_tokens[b, j])
+            real = out.candidates[b, j][out.candidate_attention_mask[b, j].bool()]
+            row.append(str(sum(1 for t in real[len(real) - n :].tolist() if t == STEP) % 3))
+        answers.append(row)
+    return answers
+
+
+def test_selection_strategies_equal_the_slow_reference_on_random_votes():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 9, (1,), generator=generator))
+        scores = torch.rand(n, generator=generator, dtype=torch.float64)
+        scores = torch.where(torch.rand(n, generator=generator) < 0.1, float("nan"), scores)
+        scores = torch.where(torch.rand(n, generator=generator) < 0.2, 0.5, scores)  # ties
+        pool = ["a", "b", "c", None]
+        answers = [pool[int(i)] for i in torch.randint(0, 4, (n,), generator=generator)]
+        assert select_majority(scores, answers) == reference_majority(answers), (scores, answers)
+        assert select_sprm_vote(scores, answers) == reference_sprm_vote(scores.tolist(), answers), (scores, answers)
+        best = max(range(n), key=lambda j: (-1.0 if math.isnan(scores[j]) else float(scores[j]), -j))
+        assert select_sprm(scores) == best
+
+
 @pytest.mark.parametrize("selection", ["sprm_vote", "majority"])
 def test_voting_end_to_end(model, selection):
     ids, mask = PROMPTS
@@ -346,10 +386,14 @@ def test_voting_end_to_end(model, selection):
         progress_bar=False,
         **STEPPY,
     )
-    strategy = {"sprm_vote": select_sprm_vote, "majority": select_majority}[selection]
     assert len(out.answers) == 2 and all(len(a) == 6 for a in out.answers)
+    assert out.answers == digit_answers(out)
     for b in range(2):
-        assert out.chosen_index[b].item() == strategy(out.scores[b], out.answers[b])
+        scores = out.log_scores[b].double().exp().tolist()
+        expected = reference_sprm_vote(scores, out.answers[b]) if selection == "sprm_vote" else None
+        expected = reference_majority(out.answers[b]) if expected is None else expected
+        assert out.chosen_index[b].item() == expected
+    assert len({a for answers in out.answers for a in answers}) > 1  # the vote had something to decide
     # a custom strategy is a plain function; it gets the answers when a tokenizer is given
     seen = []
     out = model.generate(
@@ -422,7 +466,7 @@ def test_best_of_n_from_a_remote_code_checkpoint(model, tmp_path):
     assert (folder / "generation_metastone.py").exists()
     ids, mask = PROMPTS
     got = run_without_package(BEST_OF_N_LOADER, tmp_path, str(folder), json.dumps([ids.tolist(), mask.tolist()]))
-    assert got["module"].startswith("transformers_modules") and got["module"].endswith("generation_metastone")
+    assert got["module"].startswith("transformers_modules") and got["module"].endswith("search_output_metastone")
     expected = model.generate(
         ids, attention_mask=mask, num_candidates=3, seed=6, max_new_tokens=12, progress_bar=False, **STEPPY
     )

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 from conftest import END_THINK, THINK
 
+import metastone_hf
 from metastone_hf.tiny import tiny_metastone
+
+# The files copied into every checkpoint, each importing (relatively) only files before it.
+REMOTE_CODE_SET = (
+    "configuration_metastone.py",
+    "scoring_metastone.py",
+    "sampling_metastone.py",
+    "selection_metastone.py",
+    "search_rows_metastone.py",
+    "pruning_metastone.py",
+    "search_output_metastone.py",
+    "search_tree_metastone.py",
+    "generation_metastone.py",
+    "modeling_metastone.py",
+)
 
 CLEAN_LOADER = textwrap.dedent(
     """
@@ -110,3 +127,18 @@ def test_remote_code_keeps_the_head_in_float32_under_bf16(tmp_path):
     assert loaded["backbone"] == "torch.bfloat16" and loaded["head"] == ["torch.float32"]
     expected = model.score_trajectories(torch.tensor(ids)).scores
     torch.testing.assert_close(torch.tensor(loaded["scores"]), expected, atol=0.02, rtol=0.05)
+
+
+def test_the_remote_code_set_is_saved_whole_and_imports_in_one_direction(tmp_path):
+    package = Path(metastone_hf.__file__).parent
+    assert sorted(p.name for p in package.glob("*_metastone.py")) == sorted(REMOTE_CODE_SET)
+    folder = tmp_path / "ckpt"
+    tiny_metastone(seed=23).save_pretrained(folder)
+    for position, name in enumerate(REMOTE_CODE_SET):
+        assert (folder / name).exists(), name
+        source = (package / name).read_text(encoding="utf-8")
+        siblings = re.findall(r"^from \.(\w+) import", source, flags=re.MULTILINE)
+        assert all(f"{s}.py" in REMOTE_CODE_SET[:position] for s in siblings), (name, siblings)
+        modules = re.findall(r"^(?:from|import) (\w+)", source, flags=re.MULTILINE)
+        assert set(modules) <= {"__future__", "array", "collections", "contextlib", "copy", "dataclasses", "inspect",
+                                "math", "re", "typing", "torch", "transformers"}, (name, modules)  # fmt: skip

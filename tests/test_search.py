@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from conftest import STEP
+from reference import reference_majority
 from test_generation_metastone import (
     EOS,
     PAD,
@@ -18,11 +19,12 @@ from test_generation_metastone import (
     STEPPY,
     DigitTokenizer,
     assert_online_equals_offline,
-    select_majority,
+    digit_answers,
 )
-from test_remote_code import CLEAN_LOADER, run_without_package
+from test_remote_code import CLEAN_LOADER, REMOTE_CODE_SET, run_without_package
 
-from metastone_hf import SearchOutput
+from metastone_hf import SearchConfig, SearchOutput, search_generate
+from metastone_hf.generation_metastone import default_beam_width
 from metastone_hf.tiny import tiny_metastone
 
 # Steps and EOS both frequent: several rounds, and trajectories finishing at different depths.
@@ -97,24 +99,80 @@ def test_token_accounting_nothing_is_processed_twice(model):
 # ----------------------------------------------------------------------------------- the strategies' semantics
 
 
-def test_beam_search_keeps_the_best_beams_of_each_round(model):
-    out = run(model, "beam", ranking="last", num_candidates=8, beam_width=2)
-    for tree in out.search_tree:
-        rounds = sorted({n.round for n in tree if n.round > 0})
-        for r in rounds[:-1]:
-            stopped_at_step = [n for n in tree if n.round == r and n.status in ("expanded", "dropped")]
-            kept = [n for n in stopped_at_step if n.status == "expanded"]
-            assert 1 <= len(kept) <= 2  # M = 2 beams survive
-            dropped = [n for n in stopped_at_step if n.status == "dropped"]
-            if dropped:
-                assert min(n.step_score for n in kept) >= max(n.step_score for n in dropped)
-            # every survivor expands; together they have N children
-            assert sum(len(children(tree, n.id)) for n in kept) == 8
-    # the returned candidates are the completed leaves, in the order they finished (round by round)
-    for row, tree in zip(out.candidate_nodes.tolist(), out.search_tree):
-        assert {tree[i].status for i in row} == {"completed"}
-        assert sorted(row) == sorted(n.id for n in tree if n.status == "completed")
-        assert [tree[i].round for i in row] == sorted(tree[i].round for i in row)
+FINISHED = ("completed", "surplus", "pruned")
+
+
+def assert_search_and_learn_beam_tree(tree, n: int, m: int, ranking: str) -> int:
+    """The tree of search-and-learn's beam search with N = ``n``, M = ``m``; returns the rounds with N/M survivors.
+
+    Every round has N rows; once the rows that finished are set aside, the N/M best of those that reached a step
+    survive (none once the prompt has N finished candidates), and the survivors share the next N children evenly,
+    the better-ranked first: M each when N/M survived.
+    """
+    full_rounds = 0
+    rounds = sorted({node.round for node in tree if node.round > 0})
+    for r in rounds:
+        this_round = [node for node in tree if node.round == r]
+        assert len(this_round) == n  # N rows every round
+        at_step = [node for node in this_round if node.status in ("expanded", "dropped")]
+        assert all(node.status in FINISHED for node in this_round if node not in at_step)
+        finished_so_far = sum(1 for node in tree if 0 < node.round <= r and node.status in FINISHED)
+        kept = [node for node in at_step if node.status == "expanded"]
+        expected = 0 if finished_so_far >= n else min(n // m, len(at_step))
+        assert len(kept) == expected, (r, len(kept), expected)
+        dropped = [node for node in at_step if node.status == "dropped"]
+        if ranking == "last" and kept and dropped:
+            assert min(node.step_score for node in kept) >= max(node.step_score for node in dropped)
+        if not kept:
+            assert r == rounds[-1]
+            continue
+        fanout = sorted((len(children(tree, node.id)) for node in kept), reverse=True)
+        base = n // len(kept)
+        assert sum(fanout) == n and set(fanout) <= {base, base + 1}
+        if len(kept) == n // m:
+            assert fanout == [m] * len(kept)
+            full_rounds += 1
+        next_round = [node for node in tree if node.round == r + 1]
+        assert {node.parent for node in next_round} == {node.id for node in kept}
+    return full_rounds
+
+
+@pytest.mark.parametrize("ranking", ["mean", "last"])
+@pytest.mark.parametrize(("n", "m"), [(8, 2), (8, 4), (8, 1), (8, 8), (6, 3)])
+def test_beam_search_keeps_n_over_m_beams_of_m_children_as_search_and_learn(model, n, m, ranking):
+    full_rounds = 0
+    for seed in (1, 2):
+        out = run(model, "beam", ranking=ranking, num_candidates=n, beam_width=m, seed=seed)
+        for tree in out.search_tree:
+            full_rounds += assert_search_and_learn_beam_tree(tree, n, m, ranking)
+    if m > 1:  # (M = 1 keeps every beam that reached a step: a full round needs one where none finished)
+        assert full_rounds >= 2  # rounds where N/M beams survived and each had M children did run
+
+
+def test_default_beam_width_keeps_the_tree_of_n_over_4_beams_of_4_children(model):
+    # Before beam_width took search-and-learn's meaning, the default kept max(1, N // 4) beams of N / that children
+    # and gave DVTS max(1, N // 4) children per subtree, where that divided N (else it was refused).
+    for n in range(1, 65):
+        beam, dvts = default_beam_width("beam", n), default_beam_width("dvts", n)
+        assert n % beam == 0 and n % dvts == 0
+        if n % max(1, n // 4) == 0:
+            assert n // beam == max(1, n // 4) and dvts == max(1, n // 4)
+    assert [default_beam_width("beam", n) for n in (2, 8, 32)] == [2, 4, 4]
+    assert [default_beam_width("dvts", n) for n in (2, 8, 32)] == [1, 2, 8]
+    out = run(model, "beam", beam_width=None, num_candidates=8)
+    assert sum(assert_search_and_learn_beam_tree(tree, 8, 4, "mean") for tree in out.search_tree) >= 1
+    explicit = run(model, "beam", beam_width=4, num_candidates=8)
+    assert torch.equal(out.candidates, explicit.candidates)
+
+
+# the returned candidates are the completed leaves, in the order they finished (round by round)
+def test_searched_candidates_are_the_completed_leaves_in_finishing_order(model):
+    for search in ("beam", "dvts"):
+        out = run(model, search)
+        for row, tree in zip(out.candidate_nodes.tolist(), out.search_tree):
+            assert {tree[i].status for i in row} == {"completed"}
+            assert sorted(row) == sorted(n.id for n in tree if n.status == "completed")
+            assert [tree[i].round for i in row] == sorted(tree[i].round for i in row)
 
 
 def test_dvts_subtrees_are_independent_and_greedy(model):
@@ -135,8 +193,26 @@ def test_dvts_subtrees_are_independent_and_greedy(model):
 
 def test_voting_works_on_searched_candidates(model):
     out = run(model, "beam", selection="majority", tokenizer=DigitTokenizer())
+    assert out.answers == digit_answers(out)
     for b in range(2):
-        assert out.chosen_index[b].item() == select_majority(out.scores[b], out.answers[b])
+        assert out.chosen_index[b].item() == reference_majority(out.answers[b])
+
+
+def test_one_search_config_is_the_keywords_of_generate(model):
+    ids, mask = PROMPTS
+    settings = {"max_new_tokens": 20, **SEARCHY}
+    config = SearchConfig(search="dvts", num_candidates=8, beam_width=2, ranking="last", seed=[3, 4])
+    out = search_generate(model, ids, attention_mask=mask, search_config=config, **settings)
+    by_keywords = model.generate(
+        ids, attention_mask=mask, search="dvts", num_candidates=8, beam_width=2, ranking="last", seed=[3, 4], **settings
+    )
+    assert torch.equal(out.candidates, by_keywords.candidates) and torch.equal(
+        out.chosen_index, by_keywords.chosen_index
+    )
+    assert config.reasoning_effort is None and config.beam_width == 2  # the caller's config is left as it was
+    with pytest.raises(ValueError, match="either as keywords or as `search_config`"):
+        search_generate(model, ids, search_config=config, beam_width=4)
+    assert SearchConfig(search="beam").resolved({"medium": 8}).beam_width == 4
 
 
 def test_search_errors_are_clear(model):
@@ -209,7 +285,7 @@ SEARCH_LOADER = CLEAN_LOADER.split("\nout = {}\n")[0] + textwrap.dedent(
 def test_search_from_a_remote_code_checkpoint(model, tmp_path):
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
-    for name in ("generation_metastone.py", "sampling_metastone.py", "scoring_metastone.py"):
+    for name in REMOTE_CODE_SET:
         assert (folder / name).exists(), name
     ids, mask = PROMPTS
     got = run_without_package(SEARCH_LOADER, tmp_path, str(folder), json.dumps([ids.tolist(), mask.tolist()]))

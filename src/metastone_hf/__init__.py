@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_metastone import MetaStoneConfig
-from .generation_metastone import BestOfNOutput, SearchOutput, best_of_n_generate, extract_boxed_answer, search_generate
+from .generation_metastone import SearchConfig, search_generate
 from .modeling_metastone import (
     MetaStoneCausalLMOutputWithPast,
     MetaStoneForCausalLMWithSPRM,
@@ -13,6 +13,8 @@ from .modeling_metastone import (
     sprm_step_token_mask,
     sprm_trajectory_log_scores,
 )
+from .search_output_metastone import SearchOutput
+from .selection_metastone import extract_boxed_answer
 
 AutoConfig.register("metastone", MetaStoneConfig, exist_ok=True)
 AutoModel.register(MetaStoneConfig, MetaStoneForCausalLMWithSPRM, exist_ok=True)
@@ -21,14 +23,13 @@ AutoModelForCausalLM.register(MetaStoneConfig, MetaStoneForCausalLMWithSPRM, exi
 __version__ = "0.1.0"
 
 __all__ = [
-    "BestOfNOutput",
     "MetaStoneCausalLMOutputWithPast",
     "MetaStoneConfig",
     "MetaStoneForCausalLMWithSPRM",
     "MetaStoneSPRMHead",
     "SPRMScores",
+    "SearchConfig",
     "SearchOutput",
-    "best_of_n_generate",
     "extract_boxed_answer",
     "search_generate",
     "sprm_score_mask",

@@ -71,6 +71,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 # An interactive answer should come back in minutes, not hours: the paper's 32768-token budget is for `eval`.
 GENERATE_MAX_NEW_TOKENS = 4096
+BEAM_WIDTH_HELP = (
+    "children per kept beam, as in search-and-learn: beam keeps N/M beams per step, dvts runs N/M subtrees; N must "
+    "be a multiple of M (default: beam 4, dvts N/4, when 4 divides N)"
+)
 
 
 def _bounded(kind: type, low: float, high: float | None = None, low_inclusive: bool = False) -> Any:
@@ -132,10 +136,10 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--search",
         choices=["best_of_n", "beam", "dvts"],
         default="best_of_n",
-        help="best_of_n: N independent samples (the paper); beam: beam search over steps (the M best beams "
-        "continue, N/M children each); dvts: N/M independent subtrees expanded M ways at every step",
+        help="best_of_n: N independent samples (the paper); beam: beam search over steps (the N/M best beams "
+        "continue, M children each); dvts: N/M independent subtrees expanded M ways at every step",
     )
-    parser.add_argument("--beam-width", type=POSITIVE_INT, default=None, help="M for beam / dvts (default N/4)")
+    parser.add_argument("--beam-width", type=POSITIVE_INT, default=None, metavar="M", help=BEAM_WIDTH_HELP)
     parser.add_argument(
         "--max-new-tokens",
         type=POSITIVE_INT,
@@ -589,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="strategies to evaluate (several allowed): best_of_n samples M once and reports every N from it; "
         "beam and dvts run one search per question and N",
     )
-    ev.add_argument("--beam-width", type=POSITIVE_INT, default=None, help="M for beam / dvts (default N/4)")
+    ev.add_argument("--beam-width", type=POSITIVE_INT, default=None, metavar="M", help=BEAM_WIDTH_HELP)
     ev.add_argument(
         "--prompt-template",
         default="paper",

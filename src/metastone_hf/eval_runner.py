@@ -63,7 +63,8 @@ class EvalPlan:
         samples: ``M``, the Best-of-N candidates per question (every N of ``budgets`` is computed from them).
         budgets: ``{label: N}`` the budgets reported.
         searches: the strategies run (``"best_of_n"`` samples ``M`` once; ``"beam"`` / ``"dvts"`` search once per N).
-        beam_width: M of beam search / DVTS (``None``: generate's default, ``max(1, N // 4)``).
+        beam_width: M of beam search / DVTS, the children each kept beam expands into (``None``: generate's
+            default, ``default_beam_width``: 4 for beam search, N/4 for DVTS when 4 divides N).
         seed: the run's seed; question ``i`` uses ``question_seed(seed, i)``.
     """
 
@@ -123,8 +124,13 @@ def run_settings(
 ) -> dict:
     """Every setting that changes an evaluation's numbers: what a resumed run must share with the first one.
 
-    The device is not one of them: a run preempted on one machine may resume on another.
+    The device is not one of them: a run preempted on one machine may resume on another. A run with a step search
+    records what ``beam_width`` means (``beam_width_meaning``): a run written when beam search kept M beams (rather
+    than N/M beams of M children) lacks it, so resuming it is refused instead of mixing two different searches.
     """
+    from .generation_metastone import BEAM_WIDTH_MEANING
+
+    step_search = [s for s in plan.searches if s != "best_of_n"]
     return {
         "model": str(model),
         "dtype": str(dtype),
@@ -133,6 +139,7 @@ def run_settings(
         "budgets": plan.budgets,
         "searches": list(plan.searches),
         "beam_width": plan.beam_width,
+        **({"beam_width_meaning": BEAM_WIDTH_MEANING} if step_search else {}),
         "seed": plan.seed,
         "prompt_template": prompt_template,
     }
@@ -192,7 +199,7 @@ def question_records(
     """
     from tqdm.auto import tqdm
 
-    from .generation_metastone import extract_boxed_answer
+    from .selection_metastone import extract_boxed_answer
 
     extractor = answer_extractor or extract_boxed_answer
     settings = plan.protocol

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .generation_metastone import SELECTION_STRATEGIES, SelectionStrategy, rankable_scores
+from .selection_metastone import SELECTION_STRATEGIES, SelectionStrategy, rankable_scores
 
 if TYPE_CHECKING:
     import evaluate

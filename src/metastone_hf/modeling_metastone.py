@@ -348,19 +348,20 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         Without ``search``, ``reasoning_effort`` and ``num_candidates`` this is exactly
         ``GenerationMixin.generate(*args, **kwargs)`` (TRL rollouts rely on it). With any of them it returns N
         candidates per prompt, each step scored online by the head in the forward that wrote it, and the chosen one
-        (a ``SearchOutput``); every argument is documented in ``generation_metastone.search_generate``.
+        (a ``SearchOutput``); every argument is documented in ``generation_metastone.SearchConfig``.
 
         Args:
             search: ``"best_of_n"`` (default), ``"beam"`` (beam search over steps) or ``"dvts"``.
             reasoning_effort: ``"low"`` / ``"medium"`` / ``"high"`` -> N from ``config.reasoning_effort_presets``.
             num_candidates: N candidates per prompt (>= 1).
-            beam_width: M for beam search (M beams survive each step) and DVTS (N/M subtrees expanded M ways).
+            beam_width: M, the children each kept beam expands into: beam search keeps N/M beams per step, DVTS
+                runs N/M subtrees (search-and-learn's meaning).
             ranking: ``"mean"`` (running geometric mean, default) or ``"last"`` (last step's score) between beams.
             selection: ``"sprm"`` (default), ``"sprm_vote"``, ``"majority"`` or a callable.
             answer_extractor: decoded completion -> answer (voting); default: last ``\boxed{}`` via math-verify.
             prune_threshold / prune_top_k / prune_min_steps: opt-in SPRM-guided early stopping (Best-of-N).
             remove_stopped_rows: stopped rows leave the batch and the cache (default True).
-            progress_bar: tqdm bar over sampled tokens (default on).
+            progress_bar: tqdm bar over sampled tokens (default off, like transformers' ``generate``).
             seed: seed this call's sampling (the caller's RNG state is restored).
         """
         options = {

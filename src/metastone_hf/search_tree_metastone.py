@@ -1,0 +1,411 @@
+"""The engine of every search strategy: rows decoded in one batch while the SPRM head scores their steps.
+
+[`StepSearch`] holds the rows of B prompts and the tree they grow; the strategies (``generation_metastone.py``) are
+written with its pieces:
+
+* **Prefill once.** The prompts (all but their last token) go through the model once; the last prompt token is fed
+  once per prompt, and its logits give every candidate its first token.
+* **Decode to a boundary.** Rows decode in one batch until their next step token (beam search, DVTS) or until they
+  finish (EOS, a stop string or stopping criterion, the length limit). A row that reaches its boundary leaves the
+  batch and the KV cache at once (``Cache.batch_select_indices``), so later forwards are smaller.
+* **Score online.** A step's score is the SPRM logit of the forward pass that sampled its step token (the head runs
+  in that same forward, on the kept position); nothing is re-run and no hidden state is kept.
+* **Select and expand.** At a step boundary the best beams of each group survive (ranked by their running
+  geometric-mean score, or by their last step's score); each survivor's last token is fed once and its cache
+  repeated for its children, so nothing already decoded is processed again.
+
+Rows sample through [`RowwiseSampler`] (``sampling_metastone.py``); parked rows and their caches are kept by
+[`SearchRows`] (``search_rows_metastone.py``); pruning is [`Pruning`]'s; the output is assembled by
+[`build_search_output`] (``search_output_metastone.py``).
+
+This file is part of the remote-code set copied into saved checkpoints: it imports only ``torch``, ``transformers``
+and its sibling sampling, scoring, selection, rows, pruning and output files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.utils.logging import tqdm
+
+from .pruning_metastone import Pruning
+from .sampling_metastone import RowwiseSampler
+from .scoring_metastone import IncrementalStepRule, sprm_score_mask, sprm_step_token_mask
+from .search_output_metastone import SearchNode, SearchOutput, build_search_output
+from .search_rows_metastone import FinishedTrajectory, SearchRows, StepRecords
+from .selection_metastone import AnswerExtractor, SelectionStrategy, rankable_scores
+
+
+class StepSearch:
+    """Rows decoded in one batch while the SPRM head scores their steps, and the tree they grow.
+
+    The pieces every strategy is written with: [`expand`] (feed each row's last token once, then sample the first
+    token of each of its children), [`decode`] (until every row has finished or reached its next step),
+    [`keep_best`] (the survivors of each group), [`resume`] (put parked survivors back into the batch) and
+    [`finish`] (final scores, selection, the output).
+
+    Args:
+        model: a ``MetaStoneForCausalLMWithSPRM``.
+        input_ids / logits_processor / stopping_criteria / generation_config / model_kwargs: what transformers'
+            ``generate`` hands its decoding method (the cache it prepared is used for the prompts).
+        num_candidates: N, the candidates to return per prompt.
+        remove_stopped_rows: rows that stop leave the batch and the cache (default). ``False`` keeps them as padding
+            until every row stops, like transformers' ``_sample`` (Best-of-N only; to measure what removal saves).
+        progress_bar: a tqdm bar over sampled tokens (default off).
+        prompt_seeds: one seed per prompt: each prompt samples from a generator of its own, so its candidates do not
+            depend on the other prompts of the call. ``None``: the global RNG (transformers' samples).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+        num_candidates: int,
+        remove_stopped_rows: bool = True,
+        progress_bar: bool = False,
+        prompt_seeds: Sequence[int] | None = None,
+    ):
+        self.model = model
+        self.n = num_candidates
+        # Length and EOS are per row here (rows have different lengths); the others see each row's tokens.
+        criteria = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+        self.sampler = RowwiseSampler(
+            logits_processor, criteria, input_ids.shape[1], input_ids.shape[0], prompt_seeds, input_ids.device
+        )
+        self.remove_stopped_rows = remove_stopped_rows
+        device = input_ids.device
+        eos = generation_config.eos_token_id
+        self.eos = None if eos is None else torch.tensor(eos, device=device).reshape(-1)
+        pad = generation_config.pad_token_id
+        self.pad = int(pad) if pad is not None else (int(self.eos[0]) if self.eos is not None else 0)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        self.prompt_has_padding = attention_mask is not None and not bool(attention_mask.all())
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = model_kwargs.pop("cache", None)
+        for name in ("position_ids", "logits_to_keep", "use_cache", "return_sprm_logits"):
+            model_kwargs.pop(name, None)
+        self.forward_kwargs = model_kwargs
+        self.prompt_ids, self.prompt_mask = input_ids, attention_mask.long()
+        self.batch, self.prompt_length = input_ids.shape
+        self.max_new_tokens = generation_config.max_length - self.prompt_length
+        config = model.config
+        self.think_start, self.think_end = config.think_start_token_id, config.think_end_token_id
+        self.step_ids = list(config.step_token_ids)
+        self.mask_changing_ids = torch.tensor(
+            [*self.step_ids, *(t for t in (self.think_start, self.think_end) if t is not None)], device=device
+        )
+        self.rule = IncrementalStepRule(self.step_ids, self.think_start, self.think_end, input_ids, self.prompt_mask)
+        self.tree: list[list[SearchNode]] = [
+            [SearchNode(0, None, 0, self.prompt_length, status="root")] for _ in range(self.batch)
+        ]
+        self.finished: list[FinishedTrajectory] = []
+        self.parked: list[SearchRows] = []
+        self.round = 0
+        self.num_slots = self.batch
+        self.slots_per_prompt = torch.ones(self.batch, dtype=torch.long, device=device)
+        self.alive = torch.ones(self.batch, dtype=torch.bool, device=device)
+        self.tokens_generated = 0
+        self.tokens_processed = 0
+        self.pruning = Pruning()
+        self.progress = tqdm(desc="search", unit="tok", leave=False) if progress_bar else None
+        self.cache = cache if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0 else None
+        self.rows = self._prefill()
+
+    # -------------------------------------------------------------- prompts
+    def _prefill(self) -> SearchRows:
+        """Run the prompts once (all but their last token) and score the step tokens they already hold."""
+        ids, mask = self.prompt_ids, self.prompt_mask
+        batch, length = ids.shape
+        device = ids.device
+        records = [StepRecords() for _ in range(batch)]
+        last_logit = torch.full((batch,), float("nan"), device=device)
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        if length > 1:
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            with self.model.capture_sprm_features() as captured:
+                # No mask when there is no padding, exactly as `generate` does.
+                self.model.model(
+                    input_ids=ids[:, :-1],
+                    attention_mask=mask[:, :-1] if self.prompt_has_padding else None,
+                    position_ids=position_ids[:, :-1],
+                    cache=self.cache,
+                    use_cache=True,
+                    **self.forward_kwargs,
+                )
+            self.tokens_processed += batch * (length - 1)
+            # Candidates: the rules that look back only (a later `<think>` may still drop them); counted: the mask.
+            candidates = sprm_score_mask(sprm_step_token_mask(ids, self.step_ids, self.think_start, None, mask))
+            counted = sprm_score_mask(sprm_step_token_mask(ids, self.step_ids, self.think_start, self.think_end, mask))
+            rows, positions = candidates.nonzero(as_tuple=True)
+            logits = self.model.sprm_logits_from_features(captured[-1][rows, positions]).float()
+            for row, position, logit in zip(rows.tolist(), positions.tolist(), logits.tolist()):
+                records[row].add(position, logit)
+            counted_logits = torch.zeros(batch, length, device=device)
+            counted_logits[rows, positions] = logits
+            last = torch.where(counted, torch.arange(length, device=device), -1).max(dim=1).values
+            last_logit = torch.where(last >= 0, counted_logits.gather(1, last.clamp(min=0)[:, None])[:, 0], last_logit)
+            del captured
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return SearchRows(
+            tokens=ids, mask=mask, prompt=torch.arange(batch, device=device), group=zeros, node=zeros.clone(),
+            slot=torch.arange(batch, device=device), generated=zeros.clone(), offset=zeros.clone(),
+            last_logit=last_logit, previous=self.rule.previous, seen_end=self.rule.seen_end,
+            records=records,
+        )  # fmt: skip
+
+    # -------------------------------------------------------------- forward and sampling
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed every row's last token; returns the next-token logits and the SPRM logit of that position."""
+        rows = self.rows
+        needs_mask = self.prompt_has_padding or not bool(rows.mask.all())
+        inputs = self.model.prepare_inputs_for_generation(
+            rows.tokens,
+            next_sequence_length=1,
+            cache=self.cache,
+            attention_mask=rows.mask if needs_mask else None,
+            position_ids=rows.mask.sum(dim=1, keepdim=True) - 1,
+            use_cache=True,
+            logits_to_keep=1,
+            return_sprm_logits=True,
+            **self.forward_kwargs,
+        )
+        out = self.model(**inputs, return_dict=True)
+        self.tokens_processed += inputs["input_ids"].numel()
+        return out.logits[:, -1].to(copy=True, dtype=torch.float32), out.sprm_logits[:, -1].detach().float()
+
+    def _sample(self, logits: torch.Tensor, step_logits: torch.Tensor, at_steps: bool) -> None:
+        """Sample one token per row, record steps, retire or park the rows that stop."""
+        rows = self.rows
+        processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive)
+        probs = F.softmax(processed, dim=-1)
+        new_tokens = self.sampler.sample(probs, rows.slot, rows.prompt, self.slots_per_prompt, self.alive)
+        if not self.remove_stopped_rows:
+            new_tokens = torch.where(self.alive, new_tokens, self.pad)
+        position = self.prompt_length + rows.generated - 1  # score position of the new token
+        rows.tokens = torch.cat([rows.tokens, new_tokens[:, None]], dim=1)
+        rows.mask = F.pad(rows.mask, (0, 1), value=1)
+        rows.generated = rows.generated + self.alive
+        sampled = int(self.alive.sum())
+        self.tokens_generated += sampled
+        if self.progress is not None:
+            self.progress.update(sampled)
+        candidate, counts = self.rule.update(new_tokens)
+        candidate &= self.alive
+        counts &= self.alive
+        for i in candidate.nonzero().flatten().tolist():
+            rows.records[i].add(int(position[i]), float(step_logits[i]))
+        rows.last_logit = torch.where(counts, step_logits, rows.last_logit)
+        self._settle(new_tokens, counts & at_steps)
+
+    def _settle(self, new_tokens: torch.Tensor, at_step: torch.Tensor) -> None:
+        rows = self.rows
+        ended = torch.zeros_like(self.alive)  # ended on its own: EOS, a stop string or criterion
+        if self.eos is not None:
+            ended |= torch.isin(new_tokens, self.eos)
+        ended |= self.sampler.stopped(rows.tokens, rows.prompt, rows.generated, self.alive)
+        ended &= self.alive
+        cut = (rows.generated >= self.max_new_tokens) & self.alive & ~ended  # cut off by the length limit
+        pruned = torch.zeros_like(ended)
+        # Running scores rank candidates for pruning, the finished ones included; nothing else needs them.
+        scores = None
+        if self.pruning.active:
+            check = bool(torch.isin(new_tokens, self.mask_changing_ids).any())
+            if check or bool((ended | cut).any()):
+                scores = self.running_log_scores(rows)
+            if check:
+                # A candidate cut off by the length limit has not finished: pruning may still mark it.
+                pruned = self.pruning.rows_to_prune(
+                    rows.prompt, rows.slot, scores, running=self.alive & ~ended, finishing=ended, finished=self.finished
+                )
+        done = (ended | cut) & ~pruned
+        parked = at_step & self.alive & ~done & ~pruned
+        for i in done.nonzero().flatten().tolist():
+            self._retire(i, False, scores)
+        for i in pruned.nonzero().flatten().tolist():
+            self._retire(i, True, scores)
+        if bool(parked.any()):
+            self._park(parked.nonzero().flatten())
+        stopped = done | pruned | parked
+        if self.remove_stopped_rows:
+            if bool(stopped.any()):
+                keep = (~stopped).nonzero().flatten()
+                self.cache.batch_select_indices(keep)
+                self.rows = rows.select(keep)
+                self.rule.select(keep)
+                self.alive = self.alive[keep]
+        else:
+            self.alive = self.alive & ~stopped
+
+    def _retire(self, i: int, pruned: bool, scores: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Move row ``i`` to the finished trajectories (with its running score when pruning needs it)."""
+        rows = self.rows
+        generated = int(rows.generated[i])
+        prompt, node = int(rows.prompt[i]), int(rows.node[i])
+        self.tree[prompt][node].end = self.prompt_length + generated
+        self.tree[prompt][node].status = "pruned" if pruned else "completed"
+        self.finished.append(
+            FinishedTrajectory(
+                prompt=prompt,
+                node=node,
+                order=(self.round, int(rows.slot[i])),
+                generated=rows.tokens[i, rows.tokens.shape[1] - generated :].clone(),
+                records=rows.records[i],
+                log_score=float(scores[0][i]) if scores is not None else math.nan,
+                num_steps=int(scores[1][i]) if scores is not None else 0,
+                pruned=pruned,
+            )
+        )
+
+    def _park(self, index: torch.Tensor) -> None:
+        """Take rows that reached a step out of the batch, with their cache, until the round's selection."""
+        parked = self.rows.park(index, self.cache, self.rule)
+        for i in range(len(parked)):
+            node = self.tree[int(parked.prompt[i])][int(parked.node[i])]
+            node.end = self.prompt_length + int(parked.generated[i])
+            node.step_score = float(torch.sigmoid(parked.last_logit[i]))
+        self.parked.append(parked)
+
+    # -------------------------------------------------------------- the strategies' pieces
+    def expand(self, fanout: torch.Tensor, groups: torch.Tensor | None = None, at_steps: bool = False) -> None:
+        """Feed each row's last token once, then give row ``i`` ``fanout[i]`` children, each with its first token.
+
+        Args:
+            fanout: ``[R]`` children per row (0 drops the row).
+            groups: ``[sum(fanout)]`` the children's groups (default: their parent's).
+            at_steps: children that sample a step token already stop there (beam search, DVTS).
+        """
+        logits, step_logits = self._forward()
+        index = torch.arange(len(self.rows), device=fanout.device).repeat_interleave(fanout)
+        self.cache.batch_select_indices(index)
+        parents = self.rows
+        self.rows = parents.select(index)
+        self.rule.select(index)
+        self.round += 1
+        self.num_slots = len(self.rows)
+        self.rows.slot = torch.arange(self.num_slots, device=fanout.device)
+        # Slots of one prompt are consecutive (rows are kept in prompt order), so a prompt's generator can draw them.
+        self.slots_per_prompt = torch.bincount(self.rows.prompt, minlength=self.batch)
+        if not bool((self.rows.prompt[1:] >= self.rows.prompt[:-1]).all()):
+            raise RuntimeError("Internal error: the search's rows are not in prompt order.")
+        if groups is not None:
+            self.rows.group = groups
+        self.alive = torch.ones(self.num_slots, dtype=torch.bool, device=fanout.device)
+        for i in range(self.num_slots):
+            prompt = int(self.rows.prompt[i])
+            tree = self.tree[prompt]
+            parent = int(self.rows.node[i])
+            if tree[parent].status != "root":
+                tree[parent].status = "expanded"
+            start = self.prompt_length + int(self.rows.generated[i])
+            tree.append(SearchNode(len(tree), parent, start, start, self.round, int(self.rows.group[i])))
+            self.rows.node[i] = len(tree) - 1
+        self._sample(logits[index], step_logits[index], at_steps)
+
+    def decode(self, at_steps: bool = False) -> SearchRows | None:
+        """Decode until every row has finished, or (``at_steps``) stopped at its next step; returns the parked rows."""
+        while bool(self.alive.any()):
+            logits, step_logits = self._forward()
+            self._sample(logits, step_logits, at_steps)
+        parked = SearchRows.merge(self.parked) if self.parked else None
+        self.parked = []
+        return parked
+
+    def completed_per_prompt(self) -> torch.Tensor:
+        counts = torch.zeros(self.batch, dtype=torch.long)
+        for f in self.finished:
+            counts[f.prompt] += 1
+        return counts
+
+    def keep_best(self, parked: SearchRows | None, width: int, ranking: str = "mean") -> SearchRows | None:
+        """The ``width`` best parked rows of each (prompt, group); prompts that have N candidates keep none.
+
+        ``ranking="mean"`` ranks by the running trajectory score (geometric mean of the steps so far), ``"last"`` by
+        the score of the step just reached. Ties keep the earlier slot.
+        """
+        if parked is None:
+            return None
+        done = self.completed_per_prompt().to(parked.prompt.device) >= self.n
+        key = self.running_log_scores(parked)[0] if ranking == "mean" else parked.last_logit
+        key = rankable_scores(key)
+        keep = []
+        for prompt, group in sorted(set(zip(parked.prompt.tolist(), parked.group.tolist()))):
+            members = ((parked.prompt == prompt) & (parked.group == group)).nonzero().flatten()
+            order = sorted(members.tolist(), key=lambda i: (-float(key[i]), int(parked.slot[i])))
+            chosen = [] if bool(done[prompt]) else order[:width]
+            keep.extend(chosen)
+            for i in set(order) - set(chosen):
+                self.tree[prompt][int(parked.node[i])].status = "dropped"
+        if not keep:
+            return None
+        return parked.select(torch.tensor(keep, dtype=torch.long, device=parked.prompt.device))
+
+    def resume(self, survivors: SearchRows) -> None:
+        """Make ``survivors`` (parked rows, possibly of different lengths) the batch, with their cache."""
+        self.cache = survivors.resume(self.model.config.get_text_config(decoder=True), self.rule)
+        self.rows = survivors
+        self.alive = torch.ones(len(survivors), dtype=torch.bool, device=survivors.prompt.device)
+
+    def running_log_scores(self, rows: SearchRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean log step score, number of steps) per row, with THE step mask applied to each sequence so far.
+
+        Recomputed rather than summed as tokens come: a later ``</think>`` (or ``<think>``) changes which earlier
+        steps count.
+        """
+        device = rows.prompt.device
+        score_mask = sprm_score_mask(
+            sprm_step_token_mask(rows.tokens, self.step_ids, self.think_start, self.think_end, rows.mask)
+        )
+        index = [i for i, records in enumerate(rows.records) for _ in range(len(records))]
+        sums = torch.zeros(len(rows), device=device)
+        counts = torch.zeros(len(rows), device=device)
+        if index:
+            row_index = torch.tensor(index, device=device)
+            positions = torch.tensor([p for records in rows.records for p in records.positions], device=device)
+            logits = torch.tensor([z for records in rows.records for z in records.logits], device=device)
+            kept = score_mask[row_index, positions + rows.offset[row_index]].float()
+            sums.index_add_(0, row_index, F.logsigmoid(logits) * kept)
+            counts.index_add_(0, row_index, kept)
+        return sums / counts.clamp(min=1), counts
+
+    # -------------------------------------------------------------- the output
+    def finish(
+        self,
+        search: str,
+        selection: str | SelectionStrategy = "sprm",
+        answer_extractor: AnswerExtractor | None = None,
+        tokenizer: Any | None = None,
+    ) -> SearchOutput:
+        """The first N finished trajectories of each prompt, scored with THE step mask, and the selected one."""
+        if self.progress is not None:
+            self.progress.close()
+        return build_search_output(
+            self.model, self.finished, self.tree, self.prompt_ids, self.prompt_mask, self.n, self.pad,
+            self.max_new_tokens, search, selection, answer_extractor, tokenizer, self.tokens_generated,
+            self.tokens_processed,
+        )  # fmt: skip
+
+
+def split_budget(survivors: SearchRows, budget: int) -> torch.Tensor:
+    """Children per survivor: each (prompt, group) shares ``budget`` children, the better-ranked first."""
+    fanout = torch.zeros(len(survivors), dtype=torch.long, device=survivors.prompt.device)
+    for prompt, group in set(zip(survivors.prompt.tolist(), survivors.group.tolist())):
+        members = ((survivors.prompt == prompt) & (survivors.group == group)).nonzero().flatten()
+        base, extra = divmod(budget, len(members))
+        fanout[members] = base
+        fanout[members[:extra]] += 1
+    return fanout
+
+
+__all__ = ["StepSearch", "split_budget"]
