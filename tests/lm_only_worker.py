@@ -9,6 +9,7 @@ own LM loss). Either way the head is frozen first, as the README says to. Gradie
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,9 +70,12 @@ def worker(output_dir: str, trainer_kind: str) -> None:
         "gradient_checkpointing": bool(getattr(unwrapped, "is_gradient_checkpointing", False)),
     }
     (Path(output_dir) / f"rank{state.process_index}.json").write_text(json.dumps(result))
+    # Both ranks have written their records; end without the interpreter's teardown, where gloo's threads can abort
+    # the process ("terminate called without an active exception") after a successful run.
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
