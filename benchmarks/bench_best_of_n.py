@@ -221,7 +221,7 @@ def main() -> None:
     print(f"  (d) generate(output_hidden_states=True), all layers x all steps: {kib(mem_d)}")
     print(f"  long case: (b) records {kib(long['mem_b'])}")
     print(
-        f"ratios: b/a={short['b'] / short['a']:.3f} (target <= 1.02)  c/b={short['c'] / short['b']:.2f}  "
+        f"ratios: b/a={short['b'] / short['a']:.3f} (target <= 1.05)  c/b={short['c'] / short['b']:.2f}  "
         f"long a/b={long['a'] / long['b']:.2f}  memory c/b={short['mem_c'] / max(short['mem_b'], 1):.0f}x  "
         f"d/b={mem_d / max(short['mem_b'], 1):.0f}x"
     )

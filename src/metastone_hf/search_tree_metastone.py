@@ -167,7 +167,10 @@ class StepSearch:
 
     # -------------------------------------------------------------- forward and sampling
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed every row's last token; returns the next-token logits and the SPRM logit of that position."""
+        """Feed every row's last token; returns the next-token logits and the head's features at that position.
+
+        The head itself runs later, in `_sample`, on the rows whose new token is a step token only.
+        """
         rows = self.rows
         needs_mask = self.prompt_has_padding or not bool(rows.mask.all())
         inputs = self.model.prepare_inputs_for_generation(
@@ -178,15 +181,16 @@ class StepSearch:
             position_ids=rows.mask.sum(dim=1, keepdim=True) - 1,
             use_cache=True,
             logits_to_keep=1,
-            return_sprm_logits=True,
+            return_sprm_logits=False,
             **self.forward_kwargs,
         )
-        out = self.model(**inputs, return_dict=True)
+        with self.model.capture_sprm_features() as captured:
+            out = self.model(**inputs, return_dict=True)
         self.tokens_processed += inputs["input_ids"].numel()
-        return out.logits[:, -1].to(copy=True, dtype=torch.float32), out.sprm_logits[:, -1].detach().float()
+        return out.logits[:, -1].to(copy=True, dtype=torch.float32), captured[-1][:, -1].detach()
 
-    def _sample(self, logits: torch.Tensor, step_logits: torch.Tensor, at_steps: bool) -> None:
-        """Sample one token per row, record steps, retire or park the rows that stop."""
+    def _sample(self, logits: torch.Tensor, features: torch.Tensor, at_steps: bool) -> None:
+        """Sample one token per row, score the new steps, retire or park the rows that stop."""
         rows = self.rows
         processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive)
         probs = F.softmax(processed, dim=-1)
@@ -204,9 +208,14 @@ class StepSearch:
         candidate, counts = self.rule.update(new_tokens)
         candidate &= self.alive
         counts &= self.alive
-        for i in candidate.nonzero().flatten().tolist():
-            rows.records[i].add(int(position[i]), float(step_logits[i]))
-        rows.last_logit = torch.where(counts, step_logits, rows.last_logit)
+        steps = candidate.nonzero().flatten()
+        if len(steps):
+            step_logits = self.model.sprm_logits_from_features(features[steps]).float()
+            for i, logit in zip(steps.tolist(), step_logits.tolist()):
+                rows.records[i].add(int(position[i]), logit)
+            # `counts` is a subset of `candidate`: the rows that count take their new step's logit.
+            counted = counts[steps]
+            rows.last_logit = rows.last_logit.index_put((steps[counted],), step_logits[counted])
         self._settle(new_tokens, counts & at_steps)
 
     def _settle(self, new_tokens: torch.Tensor, at_step: torch.Tensor) -> None:
@@ -286,7 +295,7 @@ class StepSearch:
             groups: ``[sum(fanout)]`` the children's groups (default: their parent's).
             at_steps: children that sample a step token already stop there (beam search, DVTS).
         """
-        logits, step_logits = self._forward()
+        logits, features = self._forward()
         index = torch.arange(len(self.rows), device=fanout.device).repeat_interleave(fanout)
         self.cache.batch_select_indices(index)
         parents = self.rows
@@ -311,13 +320,13 @@ class StepSearch:
             start = self.prompt_length + int(self.rows.generated[i])
             tree.append(SearchNode(len(tree), parent, start, start, self.round, int(self.rows.group[i])))
             self.rows.node[i] = len(tree) - 1
-        self._sample(logits[index], step_logits[index], at_steps)
+        self._sample(logits[index], features[index], at_steps)
 
     def decode(self, at_steps: bool = False) -> SearchRows | None:
         """Decode until every row has finished, or (``at_steps``) stopped at its next step; returns the parked rows."""
         while bool(self.alive.any()):
-            logits, step_logits = self._forward()
-            self._sample(logits, step_logits, at_steps)
+            logits, features = self._forward()
+            self._sample(logits, features, at_steps)
         parked = SearchRows.merge(self.parked) if self.parked else None
         self.parked = []
         return parked
