@@ -258,6 +258,33 @@ def test_bin_release_is_rewritten_as_safetensors(official_release, tmp_path, mon
             assert torch.equal(tensor, state[name].to(torch.bfloat16)), name
 
 
+@pytest.mark.parametrize("layout", ["zip", "legacy", "transposed"])
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_bin_shard_read_by_plain_file_reads_where_it_can(official_release, tmp_path, monkeypatch, layout, dtype):
+    """Zip-format shards are read tensor by tensor from the file (never loaded on the CPU whole); the legacy format
+    and a non-contiguous tensor are loaded whole instead. Either way every tensor equals the one saved."""
+    import metastone_hf.convert as convert
+
+    monkeypatch.setattr(convert, "CHUNK_BYTES", 96)  # several pieces per tensor, and pieces across tensors
+    state = load_file(official_release / "model.safetensors")
+    (official_release / "model.safetensors").unlink()
+    saved = dict(state)
+    if layout == "transposed":  # a view whose bytes are not in order: plain reads cannot serve it
+        saved["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"].t().contiguous().t()
+    torch.save(saved, official_release / "pytorch_model.bin", _use_new_zipfile_serialization=layout != "legacy")
+    loads = []
+    original_load = convert._load_bin_state
+    monkeypatch.setattr(convert, "_load_bin_state", lambda *a, **k: loads.append(a[1]) or original_load(*a, **k))
+
+    out = convert_official_checkpoint(official_release, tmp_path / "converted", dtype=dtype)
+    assert loads == (["meta"] if layout == "zip" else ["meta", "cpu"])
+    converted = load_strictly(out)
+    for name, tensor in converted.state_dict().items():
+        if not name.startswith("sprm_head."):
+            expected = state[name] if dtype is None else state[name].to(getattr(torch, dtype))
+            assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+
+
 def test_shards_are_copied_where_hard_links_fail(official_release, tmp_path, monkeypatch):
     def cross_device(*args, **kwargs):
         raise OSError(18, "Invalid cross-device link")

@@ -435,6 +435,26 @@ def _target_code(code: str, target: torch.dtype | None) -> str:
     return next(c for c, dtype in CASTABLE_DTYPES.items() if dtype == target)
 
 
+def _file_pieces(
+    file: Any, source: Path, name: str, start: int, nbytes: int, dtype: torch.dtype, target: torch.dtype | None
+) -> Iterator[Any]:
+    """The ``nbytes`` of tensor ``name`` at ``start`` in ``file``, read in pieces of at most :data:`CHUNK_BYTES`.
+
+    Plain file reads, not a memory map: a map's touched pages stay in this process's memory until the whole shard
+    is done, reads hold one piece. Pieces are cast to ``target`` when it differs from ``dtype``.
+    """
+    step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
+    cast = target is not None and target != dtype
+    file.seek(start)
+    remaining = nbytes
+    while remaining:
+        raw = bytearray(min(step, remaining))
+        if file.readinto(raw) != len(raw):
+            raise ConversionError(f"{source} is truncated: tensor {name} lies past its end.")
+        remaining -= len(raw)
+        yield torch.frombuffer(raw, dtype=dtype).to(target) if cast else raw
+
+
 def _rewrite_safetensors_shard(
     source: Path, header: dict[str, tuple[str, list[int]]], destination: Path, target: torch.dtype | None
 ) -> dict[str, tuple[str, int]]:
@@ -448,32 +468,18 @@ def _rewrite_safetensors_shard(
 
     def pieces(file: Any, name: str) -> Iterator[Any]:
         begin, end = offsets[name]
-        code = header[name][0]
-        cast = layout[name][0] != code
-        step = CHUNK_BYTES - CHUNK_BYTES % SAFETENSORS_ITEM_BYTES[code]
-        file.seek(data_start + begin)
-        remaining = end - begin
-        while remaining:
-            raw = bytearray(min(step, remaining))
-            if file.readinto(raw) != len(raw):
-                raise ConversionError(f"{source} is truncated: tensor {name} lies past its end.")
-            remaining -= len(raw)
-            yield torch.frombuffer(raw, dtype=CASTABLE_DTYPES[code]).to(target) if cast else raw
+        dtype, to_dtype = SAFETENSORS_DTYPES[header[name][0]], SAFETENSORS_DTYPES[layout[name][0]]
+        yield from _file_pieces(file, source, name, data_start + begin, end - begin, dtype, to_dtype)
 
     with open(source, "rb") as file:  # each tensor's pieces are consumed before the next tensor's start
         _write_safetensors(destination, layout, (pieces(file, name) for name in names))
     return {name: (code, _nbytes(code, shape)) for name, (code, shape) in layout.items()}
 
 
-def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | None) -> dict[str, tuple[str, int]]:
-    """Rewrite one ``pytorch_model*.bin`` shard as safetensors (cast when asked); returns name -> (code, bytes)."""
+def _load_bin_state(source: Path, map_location: str, mmap: bool) -> dict[str, torch.Tensor]:
+    """``torch.load`` of a ``.bin`` shard with ``weights_only=True``; anything else is refused with a clear error."""
     try:
-        try:  # memory-mapped: each tensor is read from disk when it is written out, not all up front
-            state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(source, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        state = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as error:
         raise ConversionError(
             f"{source} is not a plain tensor state dict and was refused without executing it "
@@ -481,13 +487,62 @@ def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | No
         ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{source} must hold a dict of tensors (a state dict), got {type(state).__name__}.")
+    return state
+
+
+def _bin_data_offsets(source: Path, state: dict[str, torch.Tensor]) -> dict[str, int] | None:
+    """Where each tensor's bytes start in a zip-format ``.bin`` loaded on the meta device; ``None`` if unknown.
+
+    ``torch.load(map_location="meta")`` records each storage's offset in the file (``_checkpoint_offset``); a
+    contiguous tensor's bytes then lie at that offset plus its own. ``None`` for what plain reads cannot serve: a
+    non-contiguous tensor, or data in the other byte order.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(source):
+        return None
+    with zipfile.ZipFile(source) as archive:
+        order = [n for n in archive.namelist() if n.endswith("/byteorder") or n == "byteorder"]
+        if order and archive.read(order[0]).decode().strip() != sys.byteorder:
+            return None
+    offsets = {}
+    for name, tensor in state.items():
+        base = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+        if base is None or not tensor.is_contiguous():
+            return None
+        offsets[name] = base + tensor.storage_offset() * tensor.element_size()
+    return offsets
+
+
+def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | None) -> dict[str, tuple[str, int]]:
+    """Rewrite one ``pytorch_model*.bin`` shard as safetensors (cast when asked); returns name -> (code, bytes).
+
+    The zip format (every ``torch.save`` since 1.6) is read tensor by tensor with plain file reads, so memory holds
+    one piece of one tensor; other files (the legacy format, big-endian data) are loaded whole.
+    """
+    try:
+        state = _load_bin_state(source, "meta", mmap=False)
+        offsets = _bin_data_offsets(source, state)
+    except ConversionError:
+        state, offsets = None, None
+    if offsets is None:
+        state = _load_bin_state(source, "cpu", mmap=False)
     codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
     for name, tensor in state.items():
         if tensor.dtype not in codes:
             raise ConversionError(f"Tensor {name} of {source} has dtype {tensor.dtype}, which safetensors cannot hold.")
     layout = {name: (_target_code(codes[t.dtype], target), list(t.shape)) for name, t in state.items()}
+    to_dtype = {name: SAFETENSORS_DTYPES[code] for name, (code, _) in layout.items()}
     # Each tensor is written as its own bytes, so tied weights stored as views of one storage are no obstacle.
-    _write_safetensors(destination, layout, (_tensor_pieces(state[name], target) for name in layout))
+    if offsets is None:
+        _write_safetensors(destination, layout, (_tensor_pieces(state[name], target) for name in layout))
+    else:
+        with open(source, "rb") as file:
+            pieces = (
+                _file_pieces(file, source, name, offsets[name], state[name].nbytes, state[name].dtype, to_dtype[name])
+                for name in layout
+            )
+            _write_safetensors(destination, layout, pieces)
     return {name: (code, _nbytes(code, shape)) for name, (code, shape) in layout.items()}
 
 
