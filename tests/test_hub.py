@@ -241,3 +241,28 @@ def test_atomic_output_dir_leaves_the_old_or_the_new_folder_at_every_failure_poi
     expected = "new" if failing_call is None else "old"
     assert (target / "weights").read_text() == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging or backup folder left behind
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_saved_backbone_is_the_plain_causal_lm_without_remote_code(tmp_path, tied):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    model = tiny_metastone(seed=3, text_overrides={"tie_word_embeddings": tied}).eval()
+    out = hub.save_backbone(model, tmp_path / "backbone", tiny_tokenizer())
+    names = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as file:
+            names |= set(file.keys())
+    assert not any(name.startswith("sprm_head.") for name in names)
+    assert ("lm_head.weight" in names) != tied
+    assert not list(out.glob("*.py"))  # no remote code: what vLLM's own Qwen2 class loads
+
+    plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(plain) is Qwen2ForCausalLM and not any(info.values()), info
+    ids = torch.randint(0, model.config.text_config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        hub.save_backbone(model, out)

@@ -296,6 +296,45 @@ def save_checkpoint(
     return Path(output_dir)
 
 
+def save_backbone(
+    model: MetaStoneForCausalLMWithSPRM,
+    output_dir: str | Path,
+    tokenizer: Any | None = None,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Write the backbone alone, as the plain causal LM it is (``Qwen2ForCausalLM``, ...), atomically.
+
+    The folder (config, generation config, safetensors weights without ``sprm_head.*``, the tokenizer when given)
+    loads with ``AutoModelForCausalLM`` without remote code, and is what vLLM serves: ``trl vllm-serve --model
+    <output_dir>`` for GRPO + SPR training with ``use_vllm=True, vllm_mode="server"`` (the trainer then syncs only
+    these weights into vLLM at every step). Merge LoRA adapters first (``merge_and_unload``).
+    """
+    import copy
+
+    from huggingface_hub import save_torch_state_dict
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model, MetaStoneForCausalLMWithSPRM):
+        raise TypeError(
+            f"save_backbone needs a MetaStoneForCausalLMWithSPRM, got {type(model).__name__}; merge PEFT adapters "
+            "first (`model = model.merge_and_unload()`)."
+        )
+    text_config = copy.deepcopy(model.config.text_config)
+    text_config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_config.model_type]]
+    state = {name: t for name, t in model.state_dict().items() if not name.startswith("sprm_head.")}
+    if text_config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied to the input embedding, which the plain model re-ties on load
+    with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
+        text_config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        save_torch_state_dict(state, staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(output_dir)
+
+
 def push_checkpoint(
     model: MetaStoneForCausalLMWithSPRM,
     repo_id: str,
