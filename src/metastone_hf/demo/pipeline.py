@@ -25,6 +25,7 @@ DVTS above BoN-SPRM at N = 4, 8 and 16 with 95% intervals apart, BoN-SPRM above 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -315,9 +316,7 @@ class DemoEvaluation:
     tree: str = ""
 
 
-def _search(
-    model: Any, tokenizer: Any, problems: list[Any], config: DemoConfig, n: int, search: str, seed: int
-):
+def _search(model: Any, tokenizer: Any, problems: list[Any], config: DemoConfig, n: int, search: str, seed: int):
     """One ``generate`` call: ``n`` candidates per problem with ``search``; returns the output and the prompt width."""
     inputs = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)
     tree = {} if search == "best_of_n" or config.beam_width is None else {"beam_width": config.beam_width}
@@ -460,7 +459,9 @@ def check_long_targets(
     targets = []
     for search in SEARCHES:
         found = [searches.get(metric_key(search, n, labels[n])) for n in LONG_SEARCH_BUDGETS]
-        met = all(entry is not None and entry["ci_low"] > bon[n]["ci_high"] for n, entry in zip(LONG_SEARCH_BUDGETS, found))
+        met = all(
+            entry is not None and entry["ci_low"] > bon[n]["ci_high"] for n, entry in zip(LONG_SEARCH_BUDGETS, found)
+        )
         values = "; ".join(
             f"N={n}: " + ("not run" if entry is None else f"{_interval(entry)} vs {_interval(bon[n])}")
             for n, entry in zip(LONG_SEARCH_BUDGETS, found)
@@ -473,7 +474,7 @@ def check_long_targets(
         all(bon[n]["mean"] > majority[n] for n in ns),
         "; ".join(f"N={n}: {_pct(bon[n]['mean'])} vs {_pct(majority[n])}" for n in ns),
     ))  # fmt: skip
-    rising = all(bon[a]["mean"] <= bon[b]["mean"] for a, b in zip(ns, ns[1:]))
+    rising = all(bon[a]["mean"] <= bon[b]["mean"] for a, b in itertools.pairwise(ns))
     targets.append(("BoN-SPRM rises with N", rising, " <= ".join(_pct(bon[n]["mean"]) for n in ns)))
     auc = summary["sprm_auc"]
     targets.append(("SPRM AUC >= 0.85", (not math.isnan(auc)) and auc >= 0.85, f"{auc:.3f}"))
@@ -669,8 +670,11 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
             staging / "checkpoint",
             tokenizer,
             eval_results=eval_results_from_report(summary, DEMO_EVAL_DATASET),
-            notes=(f"Trained by `{title}` on the synthetic {config.demo_task.description} "
-                   if long_task else "Trained by `metastone demo` on the synthetic stale-fact pointer-chase task ")
+            notes=(
+                f"Trained by `{title}` on the synthetic {config.demo_task.description} "
+                if long_task
+                else "Trained by `metastone demo` on the synthetic stale-fact pointer-chase task "
+            )
             + "(metastone_hf.demo.task) from scratch on a CPU: a demonstration of the mechanism, not a useful model."
             + (f" Step-level search with the same head (answer accuracy): {searched}." if searched else ""),
         )
