@@ -109,7 +109,7 @@ def test_errors_compound_all_correct_is_one_minus_e_to_the_hops():
     right, counts = 0, [0] * 8
     for problem in LONG.make_split("train", samples, seed=4):
         completion = LONG.teacher_completion(problem, rng)
-        current, stale, start = parse_prompt(problem.prompt)
+        current, _, start = parse_prompt(problem.prompt)
         skips = sum(tag == "old" for _, tag, _, _ in parse_steps(completion))
         counts[skips] += 1
         # k stale steps end k nodes further along the cycle, so only an error-free trajectory is right
