@@ -262,8 +262,8 @@ def main() -> None:
             f"{kept['seconds']:.2f}s (x{removed['seconds'] / kept['seconds']:.2f})"
         )
     title = (
-        f"metastone demo --task {args.task} ({config.demo_task.hops} steps): SPRM-guided search, "
-        f"{len(problems)} held-out problems (95% CI)"
+        f"metastone demo --task {args.task} ({config.demo_task.hops} steps): SPRM-guided search\n"
+        f"{len(problems)} held-out problems, seed {args.seed}, M = {args.beam_width}; shaded: 95% bootstrap intervals"
     )
     plot(results, plot_path, title)
     print(f"\nplot: {plot_path}")
