@@ -53,7 +53,7 @@ LONG = {"sft_steps": 1200, "rl_steps": 60, "eval_problems": 200, "budgets": (4, 
 class DemoConfig:
     """Budgets and hyper-parameters of the demo (the defaults meet the targets in 3-5 minutes on 2 cores).
 
-    The defaults are the short task's; :meth:`for_task` gives the long task's (``task="long"``).
+    The defaults are the short task's; :meth:`for_task` gives the long task's (``task_name="long"``).
     """
 
     seed: int = 0
@@ -633,7 +633,7 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
     print(f"model: Qwen2-style, d={config.hidden_size}, {config.num_layers} layers, {parameters:,} parameters "
           f"(SPRM head {sum(p.numel() for p in model.sprm_head.parameters()):,}); "
           f"{torch.get_num_threads()} CPU thread(s)", flush=True)  # fmt: skip
-    if long_task:
+    if config.demo_task != task.TASKS["short"]:  # the short demo prints what it always printed
         print(f"task: {config.demo_task.description}", flush=True)
 
     began = time.perf_counter()
