@@ -46,7 +46,7 @@ x".  Steps are separated by the step token ``".\n\n"`` (one token), the last ste
 it, then ``</think>`` and the boxed answer.
 
 The long variant (``metastone demo --task long``)
------------------------------------------------
+-------------------------------------------------
 Where reasoning is long and errors compound, step-level search pays off over Best-of-N. :data:`TASKS` holds both
 tasks as :class:`DemoTask` objects. In the long task (:func:`make_long_problem`) EVERY node has a stale fact, and
 the stale fact of ``x`` skips exactly one node (``x~succ(succ(x))``); the teacher
