@@ -11,6 +11,20 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-dir", default="metastone-demo", help="where the checkpoint, table, plot and report go"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    parser.add_argument(
+        "--task",
+        choices=("short", "long"),
+        default="short",
+        help="short: 3 steps, one stale fact (Best-of-N's scaling); long: 7 steps with a 0.3 teacher error at every "
+        "step, errors compounding (where beam search and DVTS beat Best-of-N); see metastone_hf.demo.task",
+    )
+    parser.add_argument(
+        "--hops",
+        type=int,
+        default=None,
+        metavar="K",
+        help="steps per trajectory, 1 to 7 (default: the task's own, 3 short / 7 long)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",

@@ -45,10 +45,23 @@ Facts over the nodes ``a..h`` (the current successor map is one random 8-cycle),
 x".  Steps are separated by the step token ``".\n\n"`` (one token), the last step is also closed by
 it, then ``</think>`` and the boxed answer.
 
+The long variant (``metastone demo --task long``)
+-------------------------------------------------
+Where reasoning is long and errors compound, step-level search pays off over Best-of-N. :data:`TASKS` holds both
+tasks as :class:`DemoTask` objects. In the long task (:func:`make_long_problem`) EVERY node has a stale fact, and
+the stale fact of ``x`` skips exactly one node (``x~succ(succ(x))``); the teacher
+(:func:`long_teacher_trajectory`) follows it at every step with the same probability
+(:data:`LONG_TEACHER_ERROR_RATE`, 0.3) independently, over :data:`LONG_HOPS` (7) steps.  A wrong step is visible
+in that step (``(old)``), errors compound (a trajectory is right only when all its steps are:
+``0.7 ** 7 = 8.2%``), and the wrong answers spread over several nodes (one per number of skips), so majority vote
+is near zero, Best-of-N needs one all-correct sample among N, and a search that keeps the best child at every
+step fixes each step on its own.  Prompt: the 8 current and 8 stale facts, shuffled, then ``?start``.
+
 Public API: :func:`make_problem`, :func:`make_split`, :func:`teacher_completion`,
 :func:`format_prompt`, :func:`extract_answer`, :func:`reward`, :func:`reward_fn`,
 :func:`build_tokenizer`, :func:`fact_tag`, :func:`classify_errors`, :func:`processbench_trace`, constants :data:`STEP_TEXT`, :data:`THINK`,
-:data:`END_THINK`, :data:`ERROR_TYPES`.
+:data:`END_THINK`, :data:`ERROR_TYPES`; the long task: :func:`make_long_problem`,
+:func:`long_teacher_trajectory`, :class:`DemoTask`, :data:`TASKS`, :func:`get_task`.
 Imports only the standard library at module level; ``transformers``/``tokenizers`` lazily.
 """
 
@@ -57,7 +70,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
     "NODES",
@@ -80,6 +93,14 @@ __all__ = [
     "fact_tag",
     "classify_errors",
     "ERROR_TYPES",
+    "LONG_HOPS",
+    "LONG_TEACHER_ERROR_RATE",
+    "LongProblem",
+    "make_long_problem",
+    "long_teacher_trajectory",
+    "DemoTask",
+    "TASKS",
+    "get_task",
 ]
 
 NODES = "abcdefgh"
@@ -96,6 +117,12 @@ HOPS = 3
 # on the hard half, N = 2 and 8 candidates often hold no correct trajectory and N = 32 almost always does, so
 # Best-of-N accuracy keeps rising with N; and majority vote is wrong on that half.
 TEACHER_ERROR_RATES = (0.25, 0.90)
+# The long task: steps per trajectory and the teacher's probability of following the stale fact at each step.
+LONG_HOPS = 7
+LONG_TEACHER_ERROR_RATE = 0.3
+# Tokens of a well-formed completion: <think>, 5 per step (node, decision, fact, tag, step token), </think>,
+# \boxed{, the answer, }, EOS.
+TOKENS_PER_STEP = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +199,15 @@ def make_problem(uid: int, n_noise_stale: int = 1, hops: int = HOPS) -> Problem:
     return Problem(tuple(facts), start, hops, chain[-1], trap_key, trap_value, wrong, stale_after, uid)
 
 
+def split_uids(split: str, n: int, seed: int = 0) -> list:
+    """The ``n`` problem uids of ``split`` (``"train"``: even, ``"test"``: odd, so disjoint for any seed)."""
+    if split not in ("train", "test"):
+        raise ValueError(split)
+    parity = 0 if split == "train" else 1
+    base = (seed + 1) * 1_000_003
+    return [2 * (base + i) + parity for i in range(n)]
+
+
 def make_split(split: str, n: int, seed: int = 0, **kw) -> list:
     """``n`` problems of ``split`` (``"train"`` or ``"test"``); the two never share a uid.
 
@@ -179,11 +215,7 @@ def make_split(split: str, n: int, seed: int = 0, **kw) -> list:
     (Identical prompts across splits are possible in principle but astronomically rare:
     8-cycles x start x trap x orderings; 0 found in 2000 train vs 200 test.)
     """
-    if split not in ("train", "test"):
-        raise ValueError(split)
-    parity = 0 if split == "train" else 1
-    base = (seed + 1) * 1_000_003
-    return [make_problem(2 * (base + i) + parity, **kw) for i in range(n)]
+    return [make_problem(uid, **kw) for uid in split_uids(split, n, seed)]
 
 
 def format_prompt(p: Problem) -> str:
@@ -379,3 +411,143 @@ def build_tokenizer():
     fast.add_tokens([THINK, END_THINK])  # plain (non-special) added tokens, like Qwen's; ids unchanged
     assert fast.encode(STEP_TEXT, add_special_tokens=False) == [vocab[STEP_TEXT]]
     return fast
+
+
+# ---------------------------------------------------------------------------------------------- the long task
+@dataclasses.dataclass(frozen=True)
+class LongProblem:
+    """One problem of the long task: every node has a current and a stale fact, the stale one skipping a node.
+
+    Attributes:
+        facts: listed facts in prompt order, each ``(key, sep, value)``: for every node ``x`` the current fact
+            ``(x, ":", succ(x))`` and the stale fact ``(x, "~", succ(succ(x)))``, shuffled.
+        start: start node.
+        hops: number of edges to follow (the number of steps).
+        answer: the correct end node, ``succ`` applied ``hops`` times to ``start``.
+        uid: integer seed that generated it (unique id).
+    """
+
+    facts: tuple
+    start: str
+    hops: int
+    answer: str
+    uid: int
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self)
+
+
+def make_long_problem(uid: int, hops: int = LONG_HOPS) -> LongProblem:
+    """Deterministically build long-task problem number ``uid`` (its own ``random.Random``).
+
+    The current successor map is a random cycle over :data:`NODES`; every node ``x`` also has the stale fact
+    ``x~succ(succ(x))``, so following a stale fact skips exactly one node and a trajectory that follows ``k`` of them
+    ends ``k`` nodes further along the cycle: for ``hops < len(NODES)`` it is right exactly when it follows none.
+    """
+    if not 1 <= hops < len(NODES):
+        raise ValueError(f"hops must be in [1, {len(NODES) - 1}], got {hops}")
+    rng = random.Random(uid * 7919 + 23)
+    order = list(NODES)
+    rng.shuffle(order)
+    succ = _succ_map(order)
+    start = rng.choice(NODES)
+    facts = [(k, ":", succ[k]) for k in NODES] + [(k, "~", succ[succ[k]]) for k in NODES]
+    rng.shuffle(facts)
+    node = start
+    for _ in range(hops):
+        node = succ[node]
+    return LongProblem(tuple(facts), start, hops, node, uid)
+
+
+def long_teacher_trajectory(p: LongProblem, rng: random.Random, rates: tuple = (LONG_TEACHER_ERROR_RATE,)) -> tuple:
+    """Sample the long task's teacher: at every step, independently, it follows the current node's stale fact with
+    probability ``rates[0]``. Returns ``(steps, final_node, stale_steps)``; ``rates=(0.0,)`` is the perfect teacher."""
+    current = {k: v for k, s, v in p.facts if s == ":"}
+    stale = {k: v for k, s, v in p.facts if s == "~"}
+    node, steps, errors = p.start, [], 0
+    for _ in range(p.hops):
+        if rng.random() < rates[0]:
+            fact, errors = (node, "~", stale[node]), errors + 1
+        else:
+            fact = (node, ":", current[node])
+        steps.append(format_step(node, fact))
+        node = fact[2]
+    return steps, node, errors
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoTask:
+    """One task of the demo: how its problems are made and how its imperfect teacher errs.
+
+    Attributes:
+        name: ``"short"`` (three steps, one trap node, errors concentrated on one wrong answer) or ``"long"``
+            (:data:`LONG_HOPS` steps, a stale fact at every node, errors compounding step after step).
+        hops: steps per trajectory.
+        teacher_error_rates: what the teacher's ``rates`` argument means for this task: short, the probability of
+            taking the trap's stale fact when it is listed (before, after) the current one; long, ``(e,)``, the
+            probability of following a stale fact at each step.
+        description: one line for reports and model cards.
+        problem_factory: ``(uid, hops=...) -> problem`` (:func:`make_problem` or :func:`make_long_problem`).
+        teacher: ``(problem, rng, rates) -> (steps, final_node, errors)`` (:func:`teacher_trajectory` or
+            :func:`long_teacher_trajectory`).
+    """
+
+    name: str
+    hops: int
+    teacher_error_rates: tuple
+    description: str
+    problem_factory: Callable
+    teacher: Callable
+
+    def make_problem(self, uid: int):
+        return self.problem_factory(uid, hops=self.hops)
+
+    def make_split(self, split: str, n: int, seed: int = 0) -> list:
+        """``n`` problems of ``split``, with the uids of :func:`make_split` (train even, test odd)."""
+        return [self.make_problem(uid) for uid in split_uids(split, n, seed)]
+
+    def teacher_completion(self, p, rng: random.Random, rates: tuple | None = None) -> str:
+        """A teacher completion (without EOS); ``rates`` default to the task's :attr:`teacher_error_rates`."""
+        steps, final, _ = self.teacher(p, rng, self.teacher_error_rates if rates is None else rates)
+        return format_completion(steps, final)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens of a well-formed completion, EOS included: ``<think>``, 5 per step, ``</think>\\boxed{x}``, EOS."""
+        return 1 + TOKENS_PER_STEP * self.hops + 4 + 1
+
+
+TASKS = {
+    "short": DemoTask(
+        "short",
+        HOPS,
+        TEACHER_ERROR_RATES,
+        "stale-fact pointer chase: 3 steps, one stale fact on the chain",
+        make_problem,
+        teacher_trajectory,
+    ),
+    "long": DemoTask(
+        "long",
+        LONG_HOPS,
+        (LONG_TEACHER_ERROR_RATE,),
+        f"long stale-fact pointer chase: {LONG_HOPS} steps, a stale fact at every node, "
+        f"{LONG_TEACHER_ERROR_RATE:g} teacher error per step",
+        make_long_problem,
+        long_teacher_trajectory,
+    ),
+}
+"""The demo's tasks by name (``metastone demo --task short|long``)."""
+
+
+def get_task(name: str = "short", hops: int | None = None) -> DemoTask:
+    """The task ``name`` of :data:`TASKS`, with ``hops`` steps instead of its default when given (1 to 7)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown demo task {name!r}; valid: {sorted(TASKS)}")
+    demo_task = TASKS[name]
+    if hops is None or hops == demo_task.hops:
+        return demo_task
+    if isinstance(hops, bool) or not isinstance(hops, int) or not 1 <= hops < len(NODES):
+        raise ValueError(f"hops must be an int in [1, {len(NODES) - 1}], got {hops!r}")
+    description = demo_task.description.replace(f"{demo_task.hops} steps", f"{hops} steps")
+    return dataclasses.replace(demo_task, hops=hops, description=description)
