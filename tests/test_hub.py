@@ -266,3 +266,5 @@ def test_saved_backbone_is_the_plain_causal_lm_without_remote_code(tmp_path, tie
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)
     with pytest.raises(FileExistsError, match="overwrite"):
         hub.save_backbone(model, out)
+    with pytest.raises(TypeError, match="MetaStone model"):
+        hub.save_backbone(plain, tmp_path / "again")

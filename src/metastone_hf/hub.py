@@ -316,10 +316,11 @@ def save_backbone(
     from huggingface_hub import save_torch_state_dict
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if not isinstance(model, MetaStoneForCausalLMWithSPRM):
+    # The class loaded with trust_remote_code is the checkpoint's own copy of the model, not this package's.
+    if not hasattr(model, "sprm_head") or not hasattr(getattr(model, "config", None), "text_config"):
         raise TypeError(
-            f"save_backbone needs a MetaStoneForCausalLMWithSPRM, got {type(model).__name__}; merge PEFT adapters "
-            "first (`model = model.merge_and_unload()`)."
+            f"save_backbone needs a MetaStone model (with `sprm_head` and `config.text_config`), got "
+            f"{type(model).__name__}; merge PEFT adapters first (`model = model.merge_and_unload()`)."
         )
     text_config = copy.deepcopy(model.config.text_config)
     text_config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_config.model_type]]
