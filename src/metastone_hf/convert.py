@@ -33,6 +33,7 @@ import pickle
 import shutil
 import struct
 import sys
+import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -436,7 +437,7 @@ def _target_code(code: str, target: torch.dtype | None) -> str:
 
 
 def _file_pieces(
-    file: Any, source: Path, name: str, start: int, nbytes: int, dtype: torch.dtype, target: torch.dtype | None
+    file: Any, source: Path, name: str, start: int, nbytes: int, dtype: torch.dtype, target: torch.dtype
 ) -> Iterator[Any]:
     """The ``nbytes`` of tensor ``name`` at ``start`` in ``file``, read in pieces of at most :data:`CHUNK_BYTES`.
 
@@ -444,7 +445,7 @@ def _file_pieces(
     is done, reads hold one piece. Pieces are cast to ``target`` when it differs from ``dtype``.
     """
     step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
-    cast = target is not None and target != dtype
+    cast = target != dtype
     file.seek(start)
     remaining = nbytes
     while remaining:
@@ -497,8 +498,6 @@ def _bin_data_offsets(source: Path, state: dict[str, torch.Tensor]) -> dict[str,
     contiguous tensor's bytes then lie at that offset plus its own. ``None`` for what plain reads cannot serve: a
     non-contiguous tensor, or data in the other byte order.
     """
-    import zipfile
-
     if not zipfile.is_zipfile(source):
         return None
     with zipfile.ZipFile(source) as archive:
@@ -518,7 +517,8 @@ def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | No
     """Rewrite one ``pytorch_model*.bin`` shard as safetensors (cast when asked); returns name -> (code, bytes).
 
     The zip format (every ``torch.save`` since 1.6) is read tensor by tensor with plain file reads, so memory holds
-    one piece of one tensor; other files (the legacy format, big-endian data) are loaded whole.
+    one piece of one tensor; a zip shard plain reads cannot serve (non-contiguous tensors, big-endian data) is
+    memory-mapped, the legacy format loaded whole.
     """
     try:
         state = _load_bin_state(source, "meta", mmap=False)
@@ -526,17 +526,17 @@ def _rewrite_bin_shard(source: Path, destination: Path, target: torch.dtype | No
     except ConversionError:
         state, offsets = None, None
     if offsets is None:
-        state = _load_bin_state(source, "cpu", mmap=False)
+        state = _load_bin_state(source, "cpu", mmap=zipfile.is_zipfile(source))  # torch maps the zip format only
     codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
     for name, tensor in state.items():
         if tensor.dtype not in codes:
             raise ConversionError(f"Tensor {name} of {source} has dtype {tensor.dtype}, which safetensors cannot hold.")
     layout = {name: (_target_code(codes[t.dtype], target), list(t.shape)) for name, t in state.items()}
-    to_dtype = {name: SAFETENSORS_DTYPES[code] for name, (code, _) in layout.items()}
     # Each tensor is written as its own bytes, so tied weights stored as views of one storage are no obstacle.
     if offsets is None:
         _write_safetensors(destination, layout, (_tensor_pieces(state[name], target) for name in layout))
     else:
+        to_dtype = {name: SAFETENSORS_DTYPES[code] for name, (code, _) in layout.items()}
         with open(source, "rb") as file:
             pieces = (
                 _file_pieces(file, source, name, offsets[name], state[name].nbytes, state[name].dtype, to_dtype[name])

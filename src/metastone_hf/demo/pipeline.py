@@ -436,7 +436,7 @@ def _interval(entry: dict[str, float]) -> str:
     return f"{_pct(entry['mean'])} [{_pct(entry['ci_low'])}, {_pct(entry['ci_high'])}]"
 
 
-# The N at which the long task's step-level searches must beat Best-of-N (issue 17: "at N <= 16").
+# The N at which the long task's step-level searches must beat Best-of-N: up to 16, where Best-of-N has not caught up.
 LONG_SEARCH_BUDGETS = (4, 8, 16)
 
 
@@ -508,14 +508,11 @@ def check_targets(
     majority = {n: metrics[keys[n][1]]["mean"] for n in (8, 32)}
     pass1, auc = metrics["pass@1"]["mean"], summary["sprm_auc"]
 
-    def pct(value: float) -> str:
-        return f"{100 * value:.1f}"
-
     return [
-        ("BoN-SPRM@2 <= @8 <= @32", bon[2] <= bon[8] <= bon[32], " <= ".join(pct(bon[n]) for n in (2, 8, 32))),
-        ("BoN-SPRM@8 > majority@8", bon[8] > majority[8], f"{pct(bon[8])} vs {pct(majority[8])}"),
-        ("BoN-SPRM@32 > majority@32", bon[32] > majority[32], f"{pct(bon[32])} vs {pct(majority[32])}"),
-        ("BoN-SPRM@32 >= pass@1 + 10 points", bon[32] >= pass1 + 0.10, f"{pct(bon[32])} vs {pct(pass1)} + 10"),
+        ("BoN-SPRM@2 <= @8 <= @32", bon[2] <= bon[8] <= bon[32], " <= ".join(_pct(bon[n]) for n in (2, 8, 32))),
+        ("BoN-SPRM@8 > majority@8", bon[8] > majority[8], f"{_pct(bon[8])} vs {_pct(majority[8])}"),
+        ("BoN-SPRM@32 > majority@32", bon[32] > majority[32], f"{_pct(bon[32])} vs {_pct(majority[32])}"),
+        ("BoN-SPRM@32 >= pass@1 + 10 points", bon[32] >= pass1 + 0.10, f"{_pct(bon[32])} vs {_pct(pass1)} + 10"),
         ("SPRM AUC >= 0.85", (not math.isnan(auc)) and auc >= 0.85, f"{auc:.3f}"),
     ]
 
@@ -752,7 +749,7 @@ def default_threads() -> int:
 def run_demo_from_args(args: argparse.Namespace) -> int:
     """``metastone demo`` entry point: exit 0 when every target is met (always 0 with --quick)."""
     torch.set_num_threads(args.threads or default_threads())
-    config = DemoConfig.for_task(getattr(args, "task", "short"), getattr(args, "hops", None), seed=args.seed)
+    config = DemoConfig.for_task(args.task, args.hops, seed=args.seed)
     if args.quick:
         config = config.quick()
     overrides = {"sft_steps": args.sft_steps, "rl_steps": args.rl_steps, "eval_problems": args.eval_problems}
