@@ -452,3 +452,39 @@ def test_feature_hook_fires_once_per_forward_under_gradient_checkpointing(reentr
         model(ids, labels=ids).loss.backward()  # the recompute in backward must not add features
     assert len(captured) == 1 and captured[0].shape[:2] == ids.shape
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+@pytest.mark.parametrize("how", ["from_config", "from_pretrained"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_zero3_init_builds_the_backbone_like_the_plain_causal_lm(tmp_path, architecture, how):
+    """Under ``zero.Init`` the backbone's modeling module is imported before the context, as
+    ``AutoModelForCausalLM`` does, so the ``__init__`` that ``zero.Init`` restores on exit is the decorated one and a
+    backbone built afterwards (a resumed trainer, GRPO's reference model) runs its forward."""
+    import importlib.util
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("deepspeed") is None:
+        if os.environ.get("CI"):
+            pytest.fail("deepspeed is not installed (scripts/setup.sh installs it)")
+        pytest.skip("deepspeed is not installed (scripts/setup.sh installs it)")
+    tiny_metastone(architecture).save_pretrained(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    child = Path(__file__).with_name("zero_init_child.py")
+    result = subprocess.run(
+        [sys.executable, str(child), str(tmp_path), how], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["zero_init_entered"] >= 1
+    assert record["backbone_module"] == f"transformers.models.{architecture}.modeling_{architecture}"
+    assert record["imported_inside"] == [], record  # no module class is created inside zero.Init
+    assert record["forward_error"] is None, record["forward_error"]

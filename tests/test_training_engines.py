@@ -49,9 +49,9 @@ BF16_HEAD_STORAGE = {"zero2": "torch.bfloat16", "zero3": "torch.bfloat16", "fsdp
 pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 
-def _run_id(run: tuple[str, str, str | None]) -> str:
-    engine, precision, state_dict_type = run
-    return f"{engine}-{precision}" + ("-sharded" if state_dict_type else "")
+def _run_id(run: tuple) -> str:
+    engine, precision, state_dict_type, *beta = run
+    return f"{engine}-{precision}" + ("-sharded" if state_dict_type else "") + (f"-beta{beta[0]}" if any(beta) else "")
 
 
 def _require_engine(engine: str) -> None:
@@ -97,19 +97,29 @@ class EngineRuns:
 
     def __init__(self, checkpoints: dict[str, Path], root: Path) -> None:
         self.checkpoints, self.root = checkpoints, root
-        self.results: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+        self.results: dict[tuple[str, str, str | None, float], dict[str, Any]] = {}
+        self.failed: dict[tuple[str, str, str | None, float], str] = {}
 
-    def __call__(self, engine: str, precision: str, state_dict_type: str | None = None) -> dict[str, Any]:
+    def __call__(
+        self, engine: str, precision: str, state_dict_type: str | None = None, beta: float = 0.0
+    ) -> dict[str, Any]:
         _require_engine(engine)
-        key = (engine, precision, state_dict_type)
+        key = (engine, precision, state_dict_type, beta)
+        if key in self.failed:
+            # The first test that launched this run reported its error; the others say only that it failed.
+            pytest.fail(f"the {_run_id(key)} run failed earlier: {self.failed[key]}", pytrace=False)
         if key not in self.results:
-            self.results[key] = self._launch(*key)
+            try:
+                self.results[key] = self._launch(*key)
+            except BaseException as error:
+                self.failed[key] = f"{type(error).__name__} (its output is in the first test that launched it)"
+                raise
         return self.results[key]
 
-    def _launch(self, engine: str, precision: str, state_dict_type: str | None) -> dict[str, Any]:
+    def _launch(self, engine: str, precision: str, state_dict_type: str | None, beta: float) -> dict[str, Any]:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
         assert accelerate is not None, "accelerate CLI not found"
-        out = self.root / _run_id((engine, precision, state_dict_type))
+        out = self.root / _run_id((engine, precision, state_dict_type, beta))
         out.mkdir(parents=True)
         spec = {
             "engine": engine,
@@ -120,6 +130,7 @@ class EngineRuns:
             "max_steps": MAX_STEPS,
             "save_steps": SAVE_STEPS,
             "sprm_learning_rate": HEAD_LR,
+            "beta": beta,
         }
         (out / "spec.json").write_text(json.dumps(spec))
         command = [
@@ -352,3 +363,17 @@ def test_saved_model_loads_with_remote_code_and_scores_like_the_trained_model(en
     tolerance = (0.01 if precision == "fp32" else 0.2) * live.std().item()
     assert (reloaded - live).abs().max().item() < tolerance
     assert (before_training - live).abs().max().item() > tolerance  # the comparison tells trained from untrained
+
+
+# ---------------------------------------------------------------------------------------------- KL to a reference
+def test_grpo_with_a_reference_model_under_zero3(engine_runs):
+    """With ``beta > 0`` TRL builds a reference model from the checkpoint (with remote code) after the policy, under
+    the same ZeRO-3 ``zero.Init``: it must run its forward, at training and again when a new trainer resumes."""
+    records = engine_runs("zero3", "fp32", beta=0.04)["records"]
+    for phase in ("train", "resume"):
+        rank0, rank1 = records[(phase, 0)], records[(phase, 1)]
+        kls = _losses(rank0, "kl")  # a resumed trainer's history starts with the checkpoint's steps
+        assert sorted(kls) == list(range(1, MAX_STEPS + 1)), phase
+        assert all(math.isfinite(kl) and kl >= 0 for kl in kls.values()), kls
+        assert rank0["head_end"] == rank1["head_end"]
+    assert records[("resume", 0)]["start_step"] == SAVE_STEPS

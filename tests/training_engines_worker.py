@@ -4,7 +4,8 @@ Usage: ``accelerate launch --config_file ENGINE.yaml ... training_engines_worker
 
 SPEC.json: ``engine`` (zero2 | zero3 | fsdp2), ``bf16``, ``checkpoint`` (the tiny MetaStone checkpoint to train),
 ``resume_checkpoint`` (a checkpoint with other weights, which resuming must overwrite), ``output_dir``,
-``max_steps``, ``save_steps``, ``sprm_learning_rate``.
+``max_steps``, ``save_steps``, ``sprm_learning_rate``, ``beta`` (optional: the KL coefficient; above 0, TRL builds a
+reference model from the checkpoint).
 
 Two phases, each writing ``OUTPUT_DIR/<phase>-rank<R>.json``:
 
@@ -193,6 +194,7 @@ def run_phase(spec: dict[str, Any], phase: str, probe: ZeroClippingProbe | None)
         save_strategy="steps",
         save_steps=spec["save_steps"],
         sprm_learning_rate=spec["sprm_learning_rate"],
+        beta=spec.get("beta", 0.0),
         disable_tqdm=True,
     )
     trainer = SPRMGRPOTrainer(

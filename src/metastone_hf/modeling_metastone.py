@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.auto.auto_factory import _get_model_class
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -97,6 +98,34 @@ class MetaStonePreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     # The head keeps float32 weights when the backbone is loaded in bf16/fp16 (see `MetaStoneSPRMHead`).
     _keep_in_fp32_modules_strict = ["sprm_head"]
+
+    @staticmethod
+    def import_backbone_class(config: PreTrainedConfig | None) -> type[nn.Module] | None:
+        """Resolve (and so import) the class ``AutoModel`` builds for ``config.text_config``; ``None`` if unknown.
+
+        transformers builds a model inside its initialisation contexts, DeepSpeed ZeRO-3's ``zero.Init`` among them.
+        ``zero.Init`` wraps the ``__init__`` of every module class created while it is active and restores the
+        ``__init__`` it saw at class creation when it exits. A class decorator that replaces ``__init__`` after the
+        class is created (``kernels``' ``use_kernelized_func`` on the attention classes) is then undone for good,
+        while the ``forward`` it replaced stays: every backbone built afterwards (a resumed trainer, GRPO's reference
+        model) fails. ``AutoModelForCausalLM`` never meets this because it resolves the class before building it;
+        MetaStone builds its backbone inside ``__init__``, so its classes resolve the backbone first as well.
+        """
+        text_config = getattr(config, "text_config", None)
+        if text_config is None or type(text_config) not in AutoModel._model_mapping:
+            return None  # AutoModel.from_config raises its own error in __init__
+        return _get_model_class(text_config, AutoModel._model_mapping)
+
+    @classmethod
+    def get_init_context(cls, *args: Any, **kwargs: Any) -> list:
+        config = kwargs.get("config", next((a for a in args if isinstance(a, PreTrainedConfig)), None))
+        cls.import_backbone_class(config)
+        return super().get_init_context(*args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config: MetaStoneConfig, **kwargs: Any) -> MetaStonePreTrainedModel:
+        cls.import_backbone_class(config)
+        return super()._from_config(config, **kwargs)
 
 
 class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
