@@ -317,3 +317,47 @@ def test_input_errors_are_one_line_and_bugs_keep_their_traceback(checkpoint, tmp
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
     with pytest.raises(ValueError, match="deep inside"):
         cli.main(["score", "--model", checkpoint, "--text", "a.\n\nb"])
+
+
+SEARCH_COMBINATIONS = [
+    ["best_of_n"], ["beam"], ["dvts"], ["beam", "dvts"], ["best_of_n", "beam"], ["best_of_n", "dvts"],
+    ["best_of_n", "beam", "dvts"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("searches", SEARCH_COMBINATIONS, ids="+".join)
+def test_eval_reports_every_combination_of_searches(checkpoint, two_questions, tmp_path, monkeypatch, searches, capsys):
+    """Report, table, JSON, both plots and the model card, whichever strategies ran (searches alone have no pass@1)."""
+    out = tmp_path / "eval"
+    code = cli.main(["eval", "--model", checkpoint, "--data", two_questions, "--protocol", "quick", "--efforts", "low",
+                     "--search", *searches, "--max-new-tokens", "6", "--output-dir", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "eval_report.json").read_text())
+    metrics = report["summary"]["metrics"]
+    expected = {f"{method}@2 (low)" for method in searches if method != "best_of_n"}
+    if "best_of_n" in searches:
+        expected |= {"pass@1", "bon_sprm@2 (low)", "majority@2 (low)"}
+        assert len(report["records"]["correct"]) == 2
+    else:
+        assert "pass@1" not in metrics and "records" not in report
+    assert expected <= set(metrics), sorted(metrics)
+    for key in expected:
+        row = "pass@1" if key == "pass@1" else key.split("@")[0]
+        assert f"| {row} |" in printed, (row, printed)
+    assert set(report.get("searches", {})) == {f"{m}@2" for m in searches if m != "best_of_n"}
+    for plot in ("accuracy_vs_n.png", "accuracy_vs_tokens.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cards = {}
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.upload_folder",
+        lambda self, *, folder_path, **kw: cards.setdefault("card", (Path(folder_path) / "README.md").read_text()),
+    )
+    assert (
+        cli.main(["push", "--model", checkpoint, "--repo-id", "me/tiny", "--metrics", str(out / "eval_report.json")])
+        == 0
+    )
+    for key in expected:
+        assert f"| {key} |" in cards["card"], (key, cards["card"])

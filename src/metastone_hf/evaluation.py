@@ -495,7 +495,8 @@ def _cell(entry: dict[str, float]) -> str:
 
 
 def plot_accuracy_vs_n(summary: dict[str, Any], path: str | Path, title: str = "Accuracy vs N") -> Path:
-    """PNG plot of pass@1, random, majority, SPRM-weighted vote and BoN-SPRM against N (log2 axis)."""
+    """PNG plot against N (log2 axis) of every method the summary has: pass@1, random, majority, SPRM-weighted vote,
+    BoN-SPRM (with Best-of-N) and beam search / DVTS (with those searches)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,8 +506,17 @@ def plot_accuracy_vs_n(summary: dict[str, Any], path: str | Path, title: str = "
     ns = [n for _, n in budgets]
     metrics = summary["metrics"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.axhline(100 * metrics["pass@1"]["mean"], color="gray", linestyle="--", label="pass@1")
-    for method, style in (("random", ":"), ("majority", "-"), ("sprm_vote", "-."), ("bon_sprm", "-")):
+    if "pass@1" in metrics:  # Best-of-N's samples give it; an evaluation of searches alone has none
+        ax.axhline(100 * metrics["pass@1"]["mean"], color="gray", linestyle="--", label="pass@1")
+    styles = (
+        ("random", ":"),
+        ("majority", "-"),
+        ("sprm_vote", "-."),
+        ("bon_sprm", "-"),
+        ("beam", "--"),
+        ("dvts", "--"),
+    )
+    for method, style in styles:
         keys = [metric_key(method, n, label) for label, n in budgets]
         points = [(n, metrics[k]) for n, k in zip(ns, keys) if k in metrics]
         if not points:
@@ -515,7 +525,8 @@ def plot_accuracy_vs_n(summary: dict[str, Any], path: str | Path, title: str = "
         ys = [100 * m["mean"] for _, m in points]
         low = [100 * m["ci_low"] for _, m in points]
         high = [100 * m["ci_high"] for _, m in points]
-        ax.plot(xs, ys, style, marker="o", label={"bon_sprm": "BoN-SPRM"}.get(method, method))
+        label = {"bon_sprm": "BoN-SPRM", "beam": "beam search", "dvts": "DVTS"}.get(method, method)
+        ax.plot(xs, ys, style, marker="o", label=label)
         ax.fill_between(xs, low, high, alpha=0.12)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
