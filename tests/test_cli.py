@@ -361,3 +361,34 @@ def test_eval_reports_every_combination_of_searches(checkpoint, two_questions, t
     )
     for key in expected:
         assert f"| {key} |" in cards["card"], (key, cards["card"])
+
+
+def test_eval_says_when_accelerate_launched_one_process_of_several(checkpoint, two_questions, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` (what many type on a CPU box) starts one process: it is said."""
+    import os
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    assert accelerate is not None, "accelerate CLI not found"
+    out = tmp_path / "eval"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR")}
+    proc = subprocess.run(
+        [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "metastone_hf.cli", "eval", "--model", checkpoint, "--data", two_questions,
+         "--protocol", "quick", "--efforts", "low", "--max-new-tokens", "4", "--output-dir", str(out),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: `accelerate launch` was asked for several processes but started this one alone" in proc.stderr
+    assert "accelerate launch --multi_gpu --num_processes N" in proc.stderr
+    assert (out / "eval_report.json").exists()
+
+
+def test_eval_without_a_launcher_says_nothing_about_processes(checkpoint, two_questions, tmp_path, monkeypatch, capsys):
+    for name in ("ACCELERATE_MIXED_PRECISION", "MASTER_PORT", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    code = cli.main(["eval", "--model", checkpoint, "--data", two_questions, "--protocol", "quick", "--efforts", "low",
+                     "--max-new-tokens", "4", "--output-dir", str(tmp_path / "eval"), "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert "accelerate launch" not in capsys.readouterr().err

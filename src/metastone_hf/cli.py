@@ -346,6 +346,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from .math_datasets import DatasetDownloadError
 
+    _warn_if_launched_alone()
     template = resolve_prompt_template(args.prompt_template)
     # The data first: a missing file or an unreachable Hub should not cost a model load.
     try:
@@ -426,6 +427,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("note: not the paper's sampling protocol; accuracies are not comparable with the paper's.")
     print(f"\nreport:  {report}\nrecords: {out_dir / 'records.jsonl'}\nplots:   {', '.join(map(str, plots))}")
     return 0
+
+
+def _warn_if_launched_alone() -> None:
+    """Say so when ``accelerate launch`` was asked for several processes but started this one alone.
+
+    ``accelerate launch --cpu --num_processes N`` runs accelerate's single-process launcher: it sets a rendezvous
+    address for N processes (``MASTER_PORT``) but starts one, with no ``WORLD_SIZE``. The evaluation would run on one
+    process, N times slower than asked, without a word.
+    """
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if launched_by_accelerate and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        print(
+            "warning: `accelerate launch` was asked for several processes but started this one alone (its `--cpu` "
+            "launcher runs a single process); the evaluation runs on 1 process. On a machine without GPUs, launch N "
+            "gloo processes with `accelerate launch --multi_gpu --num_processes N -m metastone_hf.cli eval ...`.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _samples_per_question(requested: int | None, budgets: dict[str, int]) -> int:
