@@ -8,7 +8,7 @@ venv="${1:-.venv-newest}"
 {
   echo "# Versions this project last tested (bash scripts/test.sh installs exactly these; pyproject.toml keeps ranges)."
   echo "# Regenerate with scripts/lock.sh after 'METASTONE_NEWEST=1 bash scripts/test.sh' passes."
-  "$venv/bin/python" -m pip freeze --exclude-editable | grep -viE '^(torch|pip|setuptools|wheel|nvidia-[a-z0-9-]+|triton)==' | grep -v '^-e '
+  "$venv/bin/python" -m pip list --format=freeze --exclude-editable | grep -viE '^(torch|pip|setuptools|wheel|nvidia-[a-z0-9-]+|triton)==' | grep -v '^-e '
 } > constraints.txt.tmp
 mv constraints.txt.tmp constraints.txt
 echo "constraints.txt: $(grep -vc '^#' constraints.txt) packages, from $venv"

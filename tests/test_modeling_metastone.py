@@ -488,3 +488,47 @@ def test_zero3_init_builds_the_backbone_like_the_plain_causal_lm(tmp_path, archi
     assert record["backbone_module"] == f"transformers.models.{architecture}.modeling_{architecture}"
     assert record["imported_inside"] == [], record  # no module class is created inside zero.Init
     assert record["forward_error"] is None, record["forward_error"]
+
+
+# ---------------------------------------------------------------------------------------------- quantized loading
+def _torchao_int8_config():
+    torchao = pytest.importorskip("torchao", reason="torchao (the `dev` extra) quantizes on the CPU")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    assert torchao is not None
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def test_quantized_loading_keeps_the_head_float32_and_scores_close(tmp_path):
+    """A transformers quantizer converts the backbone's linears, never the head; scores stay near the float32 model's."""
+    config = _torchao_int8_config()
+    reference = tiny_metastone()
+    reference.save_pretrained(tmp_path)
+    quantized = MetaStoneForCausalLMWithSPRM.from_pretrained(tmp_path, quantization_config=config).eval()
+    assert type(quantized.model.layers[0].self_attn.q_proj.weight.data).__name__ == "Int8Tensor"  # it did quantize
+    for name, parameter in quantized.sprm_head.named_parameters():
+        assert type(parameter.data) is torch.Tensor and parameter.dtype == torch.float32, name
+        torch.testing.assert_close(parameter.data, reference.sprm_head.get_parameter(name).data, rtol=0, atol=0)
+    assert quantized.quantized_sprm_head_parameters() == []
+    ids, mask = pad(random_trajectories(6, seed=3), "left")
+    expected = reference.score_trajectories(ids, mask)
+    got = quantized.score_trajectories(ids, mask)
+    assert got.num_steps.tolist() == expected.num_steps.tolist()
+    assert [p.tolist() for p in got.step_positions] == [p.tolist() for p in expected.step_positions]
+    # int8 weights (per-channel) perturb the features a little; the head itself is exact.
+    torch.testing.assert_close(torch.cat(got.step_scores), torch.cat(expected.step_scores), rtol=0, atol=0.01)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=0.01)
+
+
+def test_a_forced_quantization_of_the_head_is_reported(tmp_path, monkeypatch, caplog):
+    import logging
+
+    config = _torchao_int8_config()
+    tiny_metastone().save_pretrained(tmp_path)
+    # What a quantizer that ignores the model's declaration does: here, the declaration taken away.
+    monkeypatch.setattr(MetaStoneForCausalLMWithSPRM, "_keep_in_fp32_modules", None)
+    with caplog.at_level(logging.WARNING):
+        model = MetaStoneForCausalLMWithSPRM.from_pretrained(tmp_path, quantization_config=config)
+    assert model.quantized_sprm_head_parameters() == ["0.weight", "3.weight"]
+    assert "The SPRM head was quantized (0.weight, 3.weight)" in caplog.text

@@ -96,7 +96,10 @@ class MetaStonePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Plain decoding (`generate` without Best-of-N) does not run the head, so its forward has no hook to trace.
     _can_compile_fullgraph = True
-    # The head keeps float32 weights when the backbone is loaded in bf16/fp16 (see `MetaStoneSPRMHead`).
+    # The head keeps float32 weights when the backbone is loaded in bf16/fp16 (see `MetaStoneSPRMHead`). Every
+    # transformers quantizer also leaves the modules named in `_keep_in_fp32_modules` unconverted, whatever its own
+    # `modules_to_not_convert` says: the head is never quantized (it is ~0.3% of the weights and trains at lr 1e-5).
+    _keep_in_fp32_modules = ["sprm_head"]
     _keep_in_fp32_modules_strict = ["sprm_head"]
 
     @staticmethod
@@ -444,7 +447,25 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
                 "To add a fresh head to a plain causal LM use `MetaStoneForCausalLMWithSPRM.from_backbone(path)`, "
                 "or convert an official release (with score_module.pt) with `metastone convert`."
             )
+        quantized = model.quantized_sprm_head_parameters()
+        if quantized:
+            logger.warning(
+                "The SPRM head was quantized (%s): its scores will drift from the float32 head's. The head is kept out "
+                "of transformers' quantizers; load without a quantizer that overrides that, or quantize the backbone "
+                "only (e.g. skip `sprm_head` in your quantization recipe).",
+                ", ".join(quantized),
+            )
         return (model, info) if want_info else model
+
+    def quantized_sprm_head_parameters(self) -> list[str]:
+        """Names of the head's parameters that are not plain float32 tensors (quantized, e.g. int8 or a tensor
+        subclass of a quantization library); empty for a head as it should be."""
+        return [
+            name
+            for name, parameter in self.sprm_head.named_parameters()
+            if parameter.dtype != torch.float32
+            or type(parameter.data).__name__ not in ("Tensor", "DTensor")  # a quantization library's subclass
+        ]
 
     @classmethod
     def from_backbone(
