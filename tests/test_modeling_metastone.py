@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import pytest
 import torch
@@ -532,3 +533,33 @@ def test_a_forced_quantization_of_the_head_is_reported(tmp_path, monkeypatch, ca
         model = MetaStoneForCausalLMWithSPRM.from_pretrained(tmp_path, quantization_config=config)
     assert model.quantized_sprm_head_parameters() == ["0.weight", "3.weight"]
     assert "The SPRM head was quantized (0.weight, 3.weight)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- offloaded loading
+@pytest.mark.parametrize("placement", ["disk", "cpu+disk"])
+def test_offloaded_model_scores_and_searches_like_the_model_in_memory(tmp_path, placement):
+    """Under accelerate's dispatch with weights on disk (parameters on ``meta``), scoring, Best-of-N and beam search
+    give what the model in memory gives."""
+    reference = tiny_metastone()
+    reference.save_pretrained(tmp_path / "model")
+    device_map: Any = {"": "disk"}
+    if placement == "cpu+disk":
+        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                      "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "disk", "model.rotary_emb": "cpu",
+                      "lm_head": "disk", "sprm_head": "cpu"}  # fmt: skip
+    offloaded = MetaStoneForCausalLMWithSPRM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert offloaded.model.layers[3].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
+
+    ids, mask = pad(random_trajectories(4, seed=5), "left")
+    expected, got = reference.score_trajectories(ids, mask), offloaded.score_trajectories(ids, mask)
+    torch.testing.assert_close(got.scores, expected.scores)
+    assert got.num_steps.tolist() == expected.num_steps.tolist()
+
+    prompt = torch.tensor([[1, THINK, 11, 12, 13]])
+    for search in ({}, {"search": "beam", "beam_width": 2}):
+        kwargs = dict(max_new_tokens=12, num_candidates=4, do_sample=True, seed=3, **search)
+        want, have = reference.generate(prompt, **kwargs), offloaded.generate(prompt, **kwargs)
+        assert torch.equal(have.sequences, want.sequences), search
+        torch.testing.assert_close(have.scores, want.scores)

@@ -197,10 +197,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     _set_threads(args.threads, model)
     from .evaluation import build_prompt_builder
+    from .scoring_metastone import execution_device
 
     build = (lambda text: text) if args.raw_prompt else build_prompt_builder(tokenizer, model, "plain")
     inputs = tokenizer([build(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(
-        model.device
+        execution_device(model)
     )
     effort = args.effort if args.num_candidates is None else None
     out = model.generate(

@@ -35,6 +35,7 @@ from .evaluation import (
     records_to_eval_records,
     resolve_protocol,
 )
+from .scoring_metastone import execution_device
 
 SEARCHES = ("best_of_n", "beam", "dvts")
 """The strategies an evaluation can run: ``generate(search=...)``."""
@@ -216,7 +217,7 @@ def question_records(
             padding=True,
             add_special_tokens=False,
         )
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        inputs = {k: v.to(execution_device(model)) for k, v in inputs.items()}
         prompt_length = inputs["input_ids"].shape[1]
         golds = [parse_gold(examples[i].answer) is not None for i in batch]
         seeds = [question_seed(plan.seed, i) for i in batch]
@@ -257,7 +258,7 @@ def question_records(
                 "gold_parsed": golds[b],
                 "results": results[b],
                 "seconds": seconds,
-                "peak_memory_bytes": _peak_memory_bytes(model.device),
+                "peak_memory_bytes": _peak_memory_bytes(execution_device(model)),
             }
         bar.update(len(batch))
         elapsed = time.perf_counter() - started

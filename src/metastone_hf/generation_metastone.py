@@ -44,7 +44,7 @@ from transformers import (
 
 from .pruning_metastone import Pruning
 from .sampling_metastone import check_prompt_seeds
-from .scoring_metastone import check_token_batch, eval_mode
+from .scoring_metastone import check_token_batch, eval_mode, execution_device
 from .search_output_metastone import SearchOutput
 from .search_tree_metastone import StepSearch, split_budget
 from .selection_metastone import AnswerExtractor, SelectionStrategy, resolve_selection
@@ -412,10 +412,11 @@ def search_generate(model: Any, *args: Any, search_config: SearchConfig | None =
     extra["do_sample"] = True
     # A list of seeds gives each prompt a generator of its own (the strategy builds them); an int seeds this call.
     global_seed = None if check_prompt_seeds(config.seed, input_ids.shape[0]) is not None else config.seed
-    with eval_mode(model), _seeded(global_seed, model.device):
+    device = execution_device(model)
+    with eval_mode(model), _seeded(global_seed, device):
         return GenerationMixin.generate(
             model,
-            input_ids.to(model.device),
+            input_ids.to(device),
             custom_generate=SEARCH_STRATEGIES[config.search],
             search_config=config,
             answer_tokenizer=tokenizer,

@@ -31,6 +31,7 @@ from .scoring_metastone import (
     build_sprm_scores,
     check_token_batch,
     eval_mode,
+    execution_device,
     sprm_score_mask,
     sprm_step_token_mask,
     sprm_trajectory_log_scores,
@@ -341,8 +342,9 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
                 f"Trajectories of {input_ids.shape[1]} tokens exceed the backbone's context window "
                 f"(max_position_embeddings={max_positions}); truncate them or use a longer-context backbone."
             )
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
+        device = execution_device(self)
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device)
         chunk = batch_size or input_ids.shape[0]
         logits_chunks = []
         with eval_mode(self):

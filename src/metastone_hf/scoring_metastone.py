@@ -203,6 +203,20 @@ def build_sprm_scores(step_logits: torch.Tensor, score_mask: torch.Tensor) -> SP
     )
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """The device a model's forward takes its inputs on.
+
+    The device of its parameters, except under accelerate's big-model dispatch (``device_map=...``): there the
+    offloaded parameters sit on ``meta`` and a hook moves them, and the inputs, to its ``execution_device`` when a
+    module runs. The first module with such a hook (the model itself or its input embeddings) names the device.
+    """
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(model.parameters()).device
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -270,6 +284,7 @@ class IncrementalStepRule:
 
 
 __all__ = [
+    "execution_device",
     "IncrementalStepRule",
     "SPRMScores",
     "build_sprm_scores",
