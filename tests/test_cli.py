@@ -392,3 +392,50 @@ def test_eval_without_a_launcher_says_nothing_about_processes(checkpoint, two_qu
                      "--max-new-tokens", "4", "--output-dir", str(tmp_path / "eval"), "--no-progress"])  # fmt: skip
     assert code == 0
     assert "accelerate launch" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def templated_checkpoint(tmp_path_factory) -> str:
+    """A tiny checkpoint that records how it reads a question (as the demo's checkpoints do)."""
+    from metastone_hf import MetaStoneForCausalLMWithSPRM
+
+    path = save_tiny_checkpoint(str(tmp_path_factory.mktemp("templated") / "tiny"))
+    model = MetaStoneForCausalLMWithSPRM.from_pretrained(path)
+    model.config.prompt_template = "Question {question} Answer <think>"
+    model.save_pretrained(path)
+    return path
+
+
+def test_commands_use_the_prompt_template_the_checkpoint_records(templated_checkpoint, two_questions, tmp_path, capsys):
+    question = "one plus one"
+    built = "Question one plus one Answer <think>"
+    common = ["--model", templated_checkpoint, "--num-candidates", "2", "--max-new-tokens", "8", "--seed", "3",
+              "--json", "--no-progress"]  # fmt: skip
+    assert cli.main(["generate", "--prompt", question, *common]) == 0
+    out = capsys.readouterr()
+    assert "prompt template: 'Question {question} Answer <think>', recorded in the checkpoint" in out.err
+    by_template = json.loads(out.out)[0]
+    # The reference: the same input given as is.
+    assert cli.main(["generate", "--raw-prompt", "--prompt", built, *common]) == 0
+    as_given = json.loads(capsys.readouterr().out)[0]
+    assert (by_template["answer"], by_template["scores"]) == (as_given["answer"], as_given["scores"])
+    # Told otherwise, the command uses the chat template and says so.
+    assert cli.main(["generate", "--prompt", question, "--prompt-template", "plain", *common]) == 0
+    assert "prompt template: '{question}' as the user message" in capsys.readouterr().err
+
+    rows = tmp_path / "rows.jsonl"
+    completion = "<think>one.\n\nplus one.\n\n</think>\\boxed{2}"
+    rows.write_text(json.dumps({"question": question, "completion": completion}) + "\n"
+                    + json.dumps({"text": built + completion}) + "\n")  # fmt: skip
+    assert cli.main(["score", "--model", templated_checkpoint, "--input", str(rows), "--json"]) == 0
+    out = capsys.readouterr()
+    assert "recorded in the checkpoint" in out.err
+    from_question, from_text = json.loads(out.out)
+    assert from_question == from_text and from_question["num_steps"] == 2
+
+    out_dir = tmp_path / "eval"
+    assert cli.main(["eval", "--model", templated_checkpoint, "--data", two_questions, "--protocol", "quick",
+                     "--efforts", "low", "--max-new-tokens", "4", "--output-dir", str(out_dir), "--no-progress"]) == 0  # fmt: skip
+    assert "recorded in the checkpoint" in capsys.readouterr().err
+    report = json.loads((out_dir / "eval_report.json").read_text())
+    assert report["summary"]["protocol"]["prompt_template"] == "Question {question} Answer <think>"

@@ -193,6 +193,16 @@ def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
     } <= {p.name for p in out.iterdir()}
     model = AutoModel.from_pretrained(out / "checkpoint", trust_remote_code=True)
     assert hasattr(model, "score_trajectories")
+    # The checkpoint says how it reads a question, and the CLI prompts it that way by default.
+    assert model.config.prompt_template == "{question}" + task.THINK
+    question = task.make_problem(10**6).prompt
+    common = ["--model", str(out / "checkpoint"), "--num-candidates", "2", "--max-new-tokens", "40", "--json",
+              "--no-progress"]  # fmt: skip
+    assert main(["generate", "--prompt", question, *common]) == 0
+    generated = capsys.readouterr()
+    assert "'{question}<think>', recorded in the checkpoint" in generated.err
+    assert main(["generate", "--raw-prompt", "--prompt", question + task.THINK, *common]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["answer"] == json.loads(generated.out)[0]["answer"]
     card = (out / "checkpoint" / "README.md").read_text()
     assert "bon_sprm@8 (medium)" in card and "stale-fact" in card and "beam@8 (medium)" in card
     run = json.loads((out / "demo_run.json").read_text())

@@ -196,10 +196,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt else _read_lines(args.prompt_file, "--prompt-file")
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     _set_threads(args.threads, model)
-    from .evaluation import build_prompt_builder
+    from .evaluation import resolve_model_prompt
     from .scoring_metastone import execution_device
 
-    build = (lambda text: text) if args.raw_prompt else build_prompt_builder(tokenizer, model, "plain")
+    if args.raw_prompt:
+        build = lambda text: text  # noqa: E731
+        print("prompt template: none (--raw-prompt: the prompt is the model input as given)", file=sys.stderr)
+    else:
+        build, _, used = resolve_model_prompt(tokenizer, model, args.prompt_template, default="plain")
+        print(used, file=sys.stderr)
     inputs = tokenizer([build(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(
         execution_device(model)
     )
@@ -253,6 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    questions: dict[int, str] = {}  # row -> question, for rows whose prompt the template builds
     if args.text is not None:
         if not args.text.strip():
             raise CLIError("--text is empty: give the trajectory (prompt + completion).")
@@ -270,10 +276,27 @@ def cmd_score(args: argparse.Namespace) -> int:
                 isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
             ):
                 texts.append(row["prompt"] + row["completion"])
+            elif (
+                isinstance(row, dict)
+                and isinstance(row.get("question"), str)
+                and isinstance(row.get("completion"), str)
+            ):
+                questions[len(texts)] = row["question"]
+                texts.append(row["completion"])
             else:
-                raise CLIError(f"{args.input}:{number}: each row needs `text`, or `prompt` and `completion` (strings).")
+                raise CLIError(
+                    f"{args.input}:{number}: each row needs `text`, `prompt` and `completion`, or `question` and "
+                    "`completion` (strings)."
+                )
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     _set_threads(args.threads, model)
+    if questions:
+        from .evaluation import resolve_model_prompt
+
+        build, _, used = resolve_model_prompt(tokenizer, model, args.prompt_template, default="paper")
+        print(used, file=sys.stderr)
+        for row, question in questions.items():
+            texts[row] = build(question) + texts[row]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     result = model.score_trajectories(encoded["input_ids"], encoded["attention_mask"], batch_size=args.batch_size)
     rows = [
@@ -298,11 +321,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_eval_processbench(args: argparse.Namespace) -> int:
     """``metastone eval --data processbench``: the head as a PRM, ProcessBench's first-error metric per split."""
     from .atomic_writes import write_json_atomic
-    from .evaluation import build_prompt_builder, resolve_prompt_template
+    from .evaluation import resolve_model_prompt, resolve_prompt_template
     from .math_datasets import DatasetDownloadError
     from .processbench import evaluate_processbench, format_processbench, load_processbench
 
-    template = resolve_prompt_template(args.prompt_template)
+    if args.prompt_template is not None:
+        resolve_prompt_template(args.prompt_template)  # a bad template is refused before the model loads
     splits = args.split.split(",") if args.split else None
     try:
         traces = load_processbench(args.data_dir or "processbench", splits=splits, limit=args.limit)
@@ -310,11 +334,13 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
         raise CLIError(str(error)) from error
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, args.device)
     _set_threads(args.threads, model)
+    prompt_builder, template, used = resolve_model_prompt(tokenizer, model, args.prompt_template, default="paper")
+    print(used, file=sys.stderr)
     summary = evaluate_processbench(
         model,
         tokenizer,
         traces,
-        build_prompt_builder(tokenizer, model, template),
+        prompt_builder,
         batch_size=args.batch_size or 8,
         progress_bar=not args.no_progress,
     )
@@ -334,12 +360,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval_runner import EvalPlan, resolve_sampling, run_evaluation, run_settings
     from .evaluation import (
         EVAL_PROTOCOLS,
-        build_prompt_builder,
         format_table,
         load_eval_examples,
         plot_accuracy_vs_n,
         plot_accuracy_vs_tokens,
         protocol_record,
+        resolve_model_prompt,
         resolve_prompt_template,
         save_report,
         summarize_records,
@@ -348,7 +374,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .math_datasets import DatasetDownloadError
 
     _warn_if_launched_alone()
-    template = resolve_prompt_template(args.prompt_template)
+    if args.prompt_template is not None:
+        resolve_prompt_template(args.prompt_template)  # a bad template is refused before the model loads
     # The data first: a missing file or an unreachable Hub should not cost a model load.
     try:
         examples = load_eval_examples(args.data, args.data_dir, limit=args.limit, split=args.split)
@@ -369,6 +396,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = args.device if args.device is not None or state.num_processes == 1 else str(state.device)
     model, tokenizer = _load_model_and_tokenizer(args.model, args.dtype, device)
     _set_threads(args.threads, model)
+    prompt_builder, template, used = resolve_model_prompt(tokenizer, model, args.prompt_template, default="paper")
+    if state.is_main_process:
+        print(used, file=sys.stderr)
     presets = model.config.reasoning_effort_presets
     efforts = args.efforts or list(presets)
     unknown = [e for e in efforts if e not in presets]
@@ -399,7 +429,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plan,
         out_dir,
         settings=settings,
-        prompt_builder=build_prompt_builder(tokenizer, model, template),
+        prompt_builder=prompt_builder,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         progress_bar=not args.no_progress,
@@ -553,7 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", help="a text file, one prompt per line")
     _add_sampling_arguments(gen)
     gen.add_argument("--selection", choices=["sprm", "sprm_vote", "majority"], default="sprm")
-    gen.add_argument("--raw-prompt", action="store_true", help="do not apply the chat template / <think> prefix")
+    gen.add_argument(
+        "--prompt-template",
+        default=None,
+        help="default: the template the checkpoint records (config.prompt_template), else 'plain' (the question as "
+        "the user message of the chat template, then <think>); 'paper' or a text holding {question} as in eval",
+    )
+    gen.add_argument("--raw-prompt", action="store_true", help="the prompt is the model input as given (no template)")
     gen.add_argument("--all-candidates", action="store_true", help="include every candidate's text in --json output")
     gen.add_argument("--json", action="store_true", help="print JSON")
     gen.set_defaults(func=cmd_generate)
@@ -562,7 +598,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(score)
     given = score.add_mutually_exclusive_group(required=True)
     given.add_argument("--text", help="one trajectory")
-    given.add_argument("--input", help="jsonl with `text` or `prompt` + `completion` per row")
+    given.add_argument(
+        "--input",
+        help="jsonl, per row: `text` (the whole trajectory), `prompt` + `completion` (the prompt as the model read "
+        "it), or `question` + `completion` (the prompt is built from the question with the prompt template)",
+    )
+    score.add_argument(
+        "--prompt-template",
+        default=None,
+        help="for `question` rows: default the checkpoint's recorded template, else 'paper'; as in eval",
+    )
     score.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="trajectories per forward")
     score.add_argument("--json", action="store_true")
     score.set_defaults(func=cmd_score)
@@ -616,8 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beam-width", type=POSITIVE_INT, default=None, metavar="M", help=BEAM_WIDTH_HELP)
     ev.add_argument(
         "--prompt-template",
-        default="paper",
-        help="user message: 'paper' (default: the question, then 'Please reason step by step, and put your final "
+        default=None,
+        help="default: the template the checkpoint records (config.prompt_template, the whole model input), else "
+        "'paper'. A user message: 'paper' (the question, then 'Please reason step by step, and put your final "
         "answer within \\boxed{}.'), 'plain' (the question alone), or a text holding {question}; then the chat "
         "template and <think>",
     )

@@ -53,6 +53,11 @@ class MetaStoneConfig(PreTrainedConfig):
             Id of ``</think>``. ``None``: the span runs to the end of the sequence. Defaults to 151649.
         reasoning_effort_presets (`dict[str, int]`, *optional*):
             Number of Best-of-N candidates per effort level. Defaults to ``{"low": 2, "medium": 8, "high": 32}``.
+        prompt_template (`str`, *optional*):
+            How the model was trained to read a question: the whole model input, with ``{question}`` where the
+            question goes (the CPU demo's models: ``"{question}<think>"``). The ``metastone`` commands build their
+            prompts with it unless told otherwise. ``None`` (default): the tokenizer's chat template, then
+            ``<think>``, as the DeepSeek-R1-Distill / MetaStone-S1 models are prompted.
         tie_word_embeddings (`bool`, *optional*):
             Whether ``lm_head`` shares the input embedding matrix. Defaults to the backbone's setting.
     """
@@ -69,6 +74,7 @@ class MetaStoneConfig(PreTrainedConfig):
     think_end_token_id: int | None = DEFAULT_THINK_END_TOKEN_ID
     reasoning_effort_presets: dict[str, int] | None = None
     tie_word_embeddings: bool | None = None
+    prompt_template: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if isinstance(self.text_config, PreTrainedConfig):
@@ -139,6 +145,13 @@ class MetaStoneConfig(PreTrainedConfig):
         think_ids = {self.think_start_token_id, self.think_end_token_id} - {None}
         if think_ids & set(self.step_token_ids):
             raise ValueError("A step token id may not also be a `<think>`/`</think>` id.")
+        if self.prompt_template is not None and (
+            not isinstance(self.prompt_template, str) or "{question}" not in self.prompt_template
+        ):
+            raise ValueError(
+                f"`prompt_template` must be a string holding `{{question}}` (e.g. '{{question}}<think>'), "
+                f"got {self.prompt_template!r}."
+            )
         presets = self.reasoning_effort_presets
         if not isinstance(presets, dict) or not presets:
             raise ValueError(f"`reasoning_effort_presets` must be a non-empty dict name -> N, got {presets!r}.")

@@ -281,6 +281,33 @@ def build_prompt_builder(tokenizer: Any, model: Any, template: str = "paper") ->
     return build
 
 
+def resolve_model_prompt(
+    tokenizer: Any, model: Any, template: str | None, default: str = "paper"
+) -> tuple[Callable[[str], str], str, str]:
+    """The prompt builder a command uses, the template text it applies, and a line saying which it is.
+
+    ``template=None`` uses the template the checkpoint records (``config.prompt_template``: the whole model input,
+    e.g. the CPU demo's ``"{question}<think>"``) when it records one, else ``default``. A named or ``{question}``
+    template is a user message, put inside the tokenizer's chat template and followed by ``<think>``
+    (:func:`build_prompt_builder`).
+    """
+    recorded = getattr(model.config, "prompt_template", None)
+    if template is None and recorded:
+        return (
+            (lambda question: recorded.replace("{question}", question)),
+            recorded,
+            (f"prompt template: {recorded!r}, recorded in the checkpoint (--prompt-template overrides it)"),
+        )
+    name = default if template is None else template
+    text = resolve_prompt_template(name)
+    wrapper = "the tokenizer's chat template" if getattr(tokenizer, "chat_template", None) else "no chat template"
+    return (
+        build_prompt_builder(tokenizer, model, name),
+        text,
+        (f"prompt template: {text!r} as the user message, in {wrapper}, then <think>"),
+    )
+
+
 @functools.cache
 def _scaling_metric() -> Any:
     """The test-time-scaling ``evaluate`` module, loaded once per process (loading imports and hashes its file)."""

@@ -661,6 +661,8 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
         for key, entry in evaluation.searches.items()
     )
 
+    # The model reads a question as it is and thinks right after it: the `metastone` commands prompt it that way.
+    model.config.prompt_template = "{question}" + task.THINK
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         save_checkpoint(
             model,
