@@ -1,4 +1,8 @@
-"""`sprm_loss` against a slow, obvious per-step reference (DESIGN.md §1) on hand-built cases."""
+"""`sprm_loss` against a slow, obvious per-step reference on hand-built cases.
+
+The reference follows the paper's SPR loss: BCE per step against the outcome, a step kept only when the head already
+agrees with the outcome, kept steps weighted by the other class's share (positives times 1.5), counts smoothed by +1.
+"""
 
 from __future__ import annotations
 

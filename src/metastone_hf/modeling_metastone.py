@@ -289,8 +289,8 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         """transformers' inputs for a decoding step; plain decoding skips the SPRM head (no hook, compilable).
 
         The signature is transformers' own, so ``generate`` sees that ``inputs_embeds`` is forwarded (PEFT prompt
-        and prefix tuning, multimodal wrappers). Best-of-N generation asks for the head with
-        ``return_sprm_logits=True``.
+        and prefix tuning, multimodal wrappers). The search engine's forwards pass ``return_sprm_logits=False`` too:
+        they capture the feature layer and run the head only on the rows whose new token is a step token.
         """
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,

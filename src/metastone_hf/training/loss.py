@@ -68,7 +68,7 @@ class SPRLossOutput:
 
 def sprm_loss(
     step_logits: torch.Tensor,
-    step_mask: torch.Tensor,
+    score_mask: torch.Tensor,
     outcome_correct: torch.Tensor,
     completion_truncated: torch.Tensor | None = None,
     *,
@@ -83,8 +83,8 @@ def sprm_loss(
     """Self-supervised process reward loss of MetaStone-S1 (paper defaults).
 
     Args:
-        step_logits: ``[B, T]`` SPRM logits (any positions; only ``step_mask`` positions are used).
-        step_mask: ``[B, T]`` bool, the positions whose logit scores a step, i.e. the output of
+        step_logits: ``[B, T]`` SPRM logits (any positions; only ``score_mask`` positions are used).
+        score_mask: ``[B, T]`` bool, the positions whose logit scores a step, i.e. the output of
             ``model.sprm_score_mask(input_ids, attention_mask)`` (the one official step mask; do not rebuild it).
         outcome_correct: ``[B]`` bool (or 0/1) outcome label of each completion (correct = reward > threshold).
         completion_truncated: ``[B]`` bool, completions that hit the length limit without EOS. With
@@ -108,10 +108,10 @@ def sprm_loss(
     Returns:
         [`SPRLossOutput`] with the scalar ``loss``, additive ``stats``, the weights and trajectory log scores.
     """
-    if step_logits.ndim != 2 or step_mask.shape != step_logits.shape:
+    if step_logits.ndim != 2 or score_mask.shape != step_logits.shape:
         raise ValueError(
-            f"`step_logits` and `step_mask` must both be [batch, seq_len]; got {tuple(step_logits.shape)} and "
-            f"{tuple(step_mask.shape)}."
+            f"`step_logits` and `score_mask` must both be [batch, seq_len]; got {tuple(step_logits.shape)} and "
+            f"{tuple(score_mask.shape)}."
         )
     batch = step_logits.shape[0]
     device = step_logits.device
@@ -127,7 +127,7 @@ def sprm_loss(
 
     logits = step_logits.float()
     used_rows = ~truncated if exclude_truncated else torch.ones_like(truncated)
-    steps = step_mask.to(torch.bool) & used_rows[:, None]
+    steps = score_mask.to(torch.bool) & used_rows[:, None]
     target = label[:, None].expand_as(steps)
     # Agreement with the outcome, read from the detached logit (the filter is a weight, not a gradient path).
     z = logits.detach()
