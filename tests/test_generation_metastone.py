@@ -517,3 +517,21 @@ def test_online_scores_with_several_step_tokens_equal_score_trajectories():
     )
     assert mixed_runs.any() and (generated == other_step).any()
     assert_online_equals_offline(model, out)
+
+
+@pytest.mark.parametrize("search", ["best_of_n", "beam", "dvts"])
+def test_sampling_settings_without_do_sample_raise_no_ignored_flags_warning(search, monkeypatch):
+    """Search always samples, so `temperature` / `top_p` given without `do_sample=True` are used, and transformers'
+    warning that they "may be ignored" would be wrong."""
+    import transformers.generation.configuration_utils as configuration_utils
+
+    messages = []
+    monkeypatch.setattr(configuration_utils.logger, "warning_once", lambda message, *a, **k: messages.append(message))
+    monkeypatch.setattr(configuration_utils.logger, "warning", lambda message, *a, **k: messages.append(message))
+    model = tiny_metastone()
+    model.generate(torch.tensor([[1, 6, 11, 12]]), max_new_tokens=6, num_candidates=4, search=search,
+                   temperature=0.6, top_p=0.95)  # fmt: skip
+    assert not [m for m in messages if "not valid" in str(m)], messages
+    # The same settings in plain `generate` (greedy) do warn: the check sees the warning when there is one.
+    model.generate(torch.tensor([[1, 6, 11, 12]]), max_new_tokens=2, temperature=0.6, top_p=0.95)
+    assert [m for m in messages if "not valid" in str(m)]

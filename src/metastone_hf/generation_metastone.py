@@ -382,7 +382,9 @@ def search_generate(model: Any, *args: Any, search_config: SearchConfig | None =
     user_config = arguments.get("generation_config")
     if extra.get("do_sample") is False or (user_config is not None and user_config.do_sample is False):
         raise ValueError("Search samples its candidates: `do_sample=False` would give N identical candidates.")
-    generation_config, _ = model._prepare_generation_config(user_config, **extra)
+    # Search always samples: validating the settings as sampling ones spares transformers' warning that sampling
+    # flags (temperature, top_p) "may be ignored" when the caller did not also write `do_sample=True`.
+    generation_config, _ = model._prepare_generation_config(user_config, **{**extra, "do_sample": True})
     if (generation_config.num_beams or 1) > 1:
         raise ValueError("Search samples; it cannot be combined with token-level beam search (`num_beams` > 1).")
     if (generation_config.num_return_sequences or 1) > 1:
