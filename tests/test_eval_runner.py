@@ -286,3 +286,60 @@ def test_summary_of_search_records_without_best_of_n():
     entry = summary["metrics"]["dvts@2 (low)"]
     assert entry["mean"] == 0.5 and entry["tokens_per_question"] == 11.5 and math.isnan(summary["sprm_auc"])
     assert summary["throughput"][0]["tokens_per_second"] == pytest.approx(46 / 4)
+
+
+class _MainOfTwo:
+    """accelerate's state as the main process of 2 sees it; the other process is played by the test."""
+
+    process_index, num_processes, is_main_process = 0, 2, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def split_between_processes(self, items):
+        import contextlib
+
+        return contextlib.nullcontext(list(items)[::2])
+
+
+def _wait_as_main(tmp_path, monkeypatch, **kwargs):
+    from metastone_hf import eval_runner
+
+    monkeypatch.setattr(eval_runner, "question_records", lambda *args, **kw: iter(()))
+    plan = EvalPlan(EVAL_PROTOCOLS["quick"], 2, {"low": 2}, ("best_of_n",), None, 0)
+    return eval_runner.run_evaluation(
+        None, None, [], plan, tmp_path / "eval", settings={"s": 1}, prompt_builder=str, state=_MainOfTwo(),
+        poll_seconds=0.05, **kwargs,
+    )  # fmt: skip
+
+
+def test_the_main_process_names_a_process_that_stopped_without_finishing(tmp_path, monkeypatch):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"Process 1 of 2 has written no record for 1 s and has not finished"):
+        _wait_as_main(tmp_path, monkeypatch, stall_seconds=1.0)
+    assert 1.0 <= time.monotonic() - start < 30
+
+
+def test_the_main_process_waits_for_a_slow_process_that_keeps_writing(tmp_path, monkeypatch):
+    import threading
+
+    folder = tmp_path / "eval"
+
+    def slow_rank():  # appends a record every 0.3 s for 2 s (longer than the stall limit), then finishes
+        while not list(folder.glob(".done.*.rank0")):
+            time.sleep(0.02)
+        run_id = next(folder.glob(".done.*.rank0")).name.split(".")[2]
+        for index in range(7):
+            with open(folder / "records.rank1.jsonl", "a") as handle:
+                handle.write(json.dumps({"index": 100 + index}) + "\n")
+            time.sleep(0.3)
+        (folder / f".done.{run_id}.rank1").write_text("done\n")
+
+    worker = threading.Thread(target=slow_rank)
+    worker.start()
+    start = time.monotonic()
+    try:
+        assert _wait_as_main(tmp_path, monkeypatch, stall_seconds=1.0) == []  # no question was asked of it
+    finally:
+        worker.join()
+    assert time.monotonic() - start >= 2.0

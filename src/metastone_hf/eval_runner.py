@@ -351,6 +351,38 @@ def _distributed_state() -> Any:
     return PartialState()
 
 
+STALL_SECONDS = 3600.0
+"""How long the main process waits for another process that has stopped appending records (see `run_evaluation`)."""
+
+
+def _wait_for_the_other_processes(
+    store: EvalStore, run_id: str, world: int, poll_seconds: float, stall_seconds: float
+) -> None:
+    """Return once every process has written its completion marker; raise when one stops making progress."""
+
+    def progress(rank: int) -> int:
+        path = store.records_path(rank)
+        return path.stat().st_size if path.exists() else -1
+
+    last = {rank: (progress(rank), time.monotonic()) for rank in range(world)}
+    while True:
+        pending = [rank for rank in range(world) if not store.marker(run_id, rank).exists()]
+        if not pending:
+            return
+        now = time.monotonic()
+        for rank in pending:
+            size = progress(rank)
+            if size != last[rank][0]:
+                last[rank] = (size, now)
+            elif now - last[rank][1] > stall_seconds:
+                raise RuntimeError(
+                    f"Process {rank} of {world} has written no record for {stall_seconds:.0f} s and has not finished: "
+                    f"it has most likely died (see its log). The records written so far are kept in {store.folder}; "
+                    "run the same command again to resume."
+                )
+        time.sleep(poll_seconds)
+
+
 def run_evaluation(
     model: Any,
     tokenizer: Any,
@@ -365,6 +397,7 @@ def run_evaluation(
     progress_bar: bool = True,
     state: Any | None = None,
     poll_seconds: float = 2.0,
+    stall_seconds: float = STALL_SECONDS,
 ) -> list[dict[str, Any]] | None:
     """Evaluate every question not yet in ``output_dir``, spread over the processes; return all records on the main one.
 
@@ -378,6 +411,10 @@ def run_evaluation(
     Args:
         state: accelerate's ``PartialState`` (default: the current one; one process without ``accelerate launch``).
         poll_seconds: how often the main process looks for the others' completion markers.
+        stall_seconds: once it has finished its own share, the main process waits for each other process as long
+            as that process keeps appending records; one that has written nothing for ``stall_seconds`` (default
+            one hour: far longer than one question takes) without finishing has most likely died, and the main
+            process stops with an error naming it. Its records so far are kept: the same command resumes.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -421,8 +458,7 @@ def run_evaluation(
     store.marker(run_id, rank).write_text("done\n")
     if not state.is_main_process:
         return None
-    while not all(store.marker(run_id, r).exists() for r in range(world)):
-        time.sleep(poll_seconds)
+    _wait_for_the_other_processes(store, run_id, world, poll_seconds, stall_seconds)
     records = store.load()
     missing = [i for i in range(len(examples)) if i not in records]
     if missing:

@@ -54,8 +54,7 @@ class EvalStore:
     def __init__(self, folder: str | Path, rank: int = 0, world_size: int = 1):
         self.folder = Path(folder)
         self.rank, self.world_size = rank, world_size
-        name = RECORDS_FILE if rank == 0 else f"records.rank{rank}.jsonl"
-        self.path = self.folder / name
+        self.path = self.records_path(rank)
 
     # ------------------------------------------------------------------ settings
     def prepare(self, settings: dict[str, Any], overwrite: bool = False) -> bool:
@@ -163,6 +162,10 @@ class EvalStore:
             if path != main:
                 path.unlink()
         return main
+
+    def records_path(self, rank: int) -> Path:
+        """The file process ``rank`` appends its records to."""
+        return self.folder / (RECORDS_FILE if rank == 0 else f"records.rank{rank}.jsonl")
 
     def marker(self, run_id: str, rank: int) -> Path:
         return self.folder / f".done.{run_id}.rank{rank}"
