@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -215,3 +216,19 @@ def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
         assert entry["tokens_per_question"] == pytest.approx(entry["n"] * run["tokens_per_sample"], rel=0.5), key
     # the output folder is never silently overwritten
     assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress"]) == 2
+
+
+def test_demo_evaluation_does_not_depend_on_its_batch_size():
+    # evaluate_demo goes through the eval runner: every problem samples from a seed of its own, so batching the
+    # held-out problems differently changes no sample or search result (scores only by padding's float rounding).
+    config = pipeline.DemoConfig(eval_problems=3, samples=4, budgets=(2, 4), max_completion_length=24)
+    tokenizer = task.build_tokenizer()
+    model = pipeline.build_demo_model(tokenizer, config).eval()
+    one = pipeline.evaluate_demo(model, tokenizer, replace(config, eval_batch_size=1), progress=False)
+    three = pipeline.evaluate_demo(model, tokenizer, replace(config, eval_batch_size=3), progress=False)
+    assert one.records.completions == three.records.completions and len(one.records.completions) == 3
+    np.testing.assert_allclose(one.records.scores, three.records.scores, rtol=1e-5)
+    np.testing.assert_array_equal(one.tokens, three.tokens)
+    assert set(one.searches) == set(three.searches) == {"beam@2", "beam@4", "dvts@2", "dvts@4"}
+    for key, entry in one.searches.items():
+        assert entry == pytest.approx(three.searches[key]), key

@@ -195,8 +195,8 @@ def question_records(
     A record holds the question (``index``, ``id``, ``gold``, ``gold_parsed``) and, under ``results``, one entry per
     run of ``plan.runs()`` (``"best_of_n"``, ``"beam@8"``, ...) with every candidate's ``completions``, ``scores``,
     ``step_scores``, ``answers``, ``correct``, ``tokens``, the ``chosen`` index and ``tokens_generated`` (all
-    branches). A gold answer math-verify cannot parse is recorded as ``gold_parsed: false`` and graded wrong (never
-    compared as raw text).
+    branches). With the default ``grader``, a gold answer math-verify cannot parse is recorded as
+    ``gold_parsed: false`` and graded wrong (never compared as raw text); another ``grader`` judges every gold itself.
     """
     from tqdm.auto import tqdm
 
@@ -219,7 +219,8 @@ def question_records(
         )
         inputs = {k: v.to(execution_device(model)) for k, v in inputs.items()}
         prompt_length = inputs["input_ids"].shape[1]
-        golds = [parse_gold(examples[i].answer) is not None for i in batch]
+        # math-verify must parse a gold answer for the default grader; a grader of the caller's judges every gold.
+        golds = [grader is not grade_answer or parse_gold(examples[i].answer) is not None for i in batch]
         seeds = [question_seed(plan.seed, i) for i in batch]
         results: list[dict[str, Any]] = [{} for _ in batch]
         for key, search, n in runs:

@@ -316,27 +316,6 @@ class DemoEvaluation:
     tree: str = ""
 
 
-def _search(model: Any, tokenizer: Any, problems: list[Any], config: DemoConfig, n: int, search: str, seed: int):
-    """One ``generate`` call: ``n`` candidates per problem with ``search``; returns the output and the prompt width."""
-    inputs = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)
-    tree = {} if search == "best_of_n" or config.beam_width is None else {"beam_width": config.beam_width}
-    out = model.generate(
-        **inputs,
-        num_candidates=n,
-        search=search,
-        do_sample=True,
-        temperature=config.temperature,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=config.max_completion_length,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=seed,
-        progress_bar=False,
-        **tree,
-    )
-    return out, inputs["input_ids"].shape[1]
-
-
 def error_type_stats(problems: list[Any], completions: list[list[str]], correct: Any, scores: Any) -> dict:
     """How often the policy makes each kind of error, and how well the SPRM score catches it.
 
@@ -361,10 +340,14 @@ def error_type_stats(problems: list[Any], completions: list[list[str]], correct:
 
 
 def evaluate_demo(model: Any, tokenizer: Any, config: DemoConfig, progress: bool = True) -> DemoEvaluation:
-    """Best-of-N samples of every held-out problem, their metrics and error types, then the step-level searches."""
-    from tqdm.auto import tqdm
+    """Best-of-N samples of every held-out problem, their metrics and error types, then the step-level searches.
 
-    from ..evaluation import EvalProtocol, EvalRecords, protocol_record, summarize
+    The questions go through the eval runner (:func:`~metastone_hf.eval_runner.question_records`), as
+    ``metastone eval`` sends them: problem ``i`` samples from a generator of its own
+    (``question_seed(config.seed, i)``), so the numbers do not depend on ``config.eval_batch_size``.
+    """
+    from ..eval_runner import EvalPlan, question_records
+    from ..evaluation import EvalExample, EvalProtocol, EvalRecords, protocol_record, summarize
     from ..metrics import bootstrap_ci, budget_items, metric_key
 
     problems = config.demo_task.make_split("test", config.eval_problems, seed=config.seed)
@@ -382,25 +365,35 @@ def evaluate_demo(model: Any, tokenizer: Any, config: DemoConfig, progress: bool
     )
     evaluated = model.config.reasoning_effort_presets if config.budgets is None else config.budgets
     budgets = [(label, n) for label, n in budget_items(evaluated) if n <= config.samples]
-    batches = [problems[i : i + config.eval_batch_size] for i in range(0, len(problems), config.eval_batch_size)]
-    bar = tqdm(total=len(batches) * (1 + len(SEARCHES) * len(budgets)), desc="eval", disable=not progress, leave=False)
-
-    correct, scores, answers, completions, tokens = [], [], [], [], []
-    for index, batch in enumerate(batches):
-        out, width = _search(model, tokenizer, batch, config, config.samples, "best_of_n", config.seed + index)
-        for b, problem in enumerate(batch):
-            texts = tokenizer.batch_decode(out.candidates[b, :, width:], skip_special_tokens=True)
-            correct.append([task.reward(t, problem.answer) > 0.5 for t in texts])
-            scores.append(out.log_scores[b].double().exp().tolist())  # float64: no ties at 1.0
-            answers.append([task.extract_answer(t) for t in texts])
-            completions.append(texts)
-            tokens.append(out.num_generated_tokens[b].tolist())
-        bar.update()
+    plan = EvalPlan(
+        protocol,
+        config.samples,
+        dict(budgets),
+        ("best_of_n", *SEARCHES),
+        beam_width=config.beam_width,
+        seed=config.seed,
+    )
+    examples = [EvalExample(prompt=p.prompt, answer=str(p.answer), id=str(p.uid)) for p in problems]
+    rows = list(
+        question_records(
+            model,
+            tokenizer,
+            examples,
+            range(len(examples)),
+            plan,
+            prompt_builder=lambda prompt: prompt,  # a problem's prompt is the whole model input
+            answer_extractor=task.extract_answer,
+            grader=lambda completion, answer: task.reward(completion, answer) > 0.5,
+            batch_size=config.eval_batch_size,
+            progress_bar=progress,
+        )
+    )
+    sampled = [row["results"]["best_of_n"] for row in rows]
     records = EvalRecords(
-        np.array(correct, dtype=float),
-        np.array(scores, dtype=float),
-        answers,
-        completions,
+        np.array([r["correct"] for r in sampled], dtype=float),
+        np.array([r["scores"] for r in sampled], dtype=float),
+        [r["answers"] for r in sampled],
+        [r["completions"] for r in sampled],
         protocol=protocol_record(protocol, config.samples, seed=config.seed),
     )
     summary = summarize(records, dict(budgets))
@@ -408,24 +401,19 @@ def evaluate_demo(model: Any, tokenizer: Any, config: DemoConfig, progress: bool
     searches: dict[str, dict[str, float]] = {}
     for search in SEARCHES:
         for label, n in budgets:
-            right, generated = [], 0
-            for index, batch in enumerate(batches):
-                out, width = _search(model, tokenizer, batch, config, n, search, config.seed + index)
-                texts = tokenizer.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
-                right += [task.reward(t, p.answer) for t, p in zip(texts, batch)]
-                generated += out.tokens_generated
-                bar.update()
-            low, high = bootstrap_ci(np.array(right), summary["confidence"])
+            runs = [row["results"][f"{search}@{n}"] for row in rows]
+            right = np.array([float(r["correct"][r["chosen"]]) for r in runs])
+            low, high = bootstrap_ci(right, summary["confidence"])
             searches[metric_key(search, n, label)] = {
                 "mean": float(np.mean(right)),
                 "ci_low": low,
                 "ci_high": high,
                 "n": n,
-                "tokens_per_question": generated / len(problems),
+                "tokens_per_question": sum(r["tokens_generated"] for r in runs) / len(problems),
             }
-    bar.close()
-    errors = error_type_stats(problems, completions, records.correct, records.scores)
-    return DemoEvaluation(summary, records, np.array(tokens), searches, errors, search_tree_text(config.beam_width))
+    errors = error_type_stats(problems, records.completions, records.correct, records.scores)
+    tokens = np.array([r["tokens"] for r in sampled])
+    return DemoEvaluation(summary, records, tokens, searches, errors, search_tree_text(config.beam_width))
 
 
 def _pct(value: float) -> str:
