@@ -536,7 +536,7 @@ def test_a_forced_quantization_of_the_head_is_reported(tmp_path, monkeypatch, ca
 
 
 # ---------------------------------------------------------------------------------------------- offloaded loading
-@pytest.mark.parametrize("placement", ["disk", "cpu+disk"])
+@pytest.mark.parametrize("placement", ["disk", "cpu+disk", "auto"])
 def test_offloaded_model_scores_and_searches_like_the_model_in_memory(tmp_path, placement):
     """Under accelerate's dispatch with weights on disk (parameters on ``meta``), scoring, Best-of-N and beam search
     give what the model in memory gives."""
@@ -547,9 +547,14 @@ def test_offloaded_model_scores_and_searches_like_the_model_in_memory(tmp_path, 
         device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
                       "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "disk", "model.rotary_emb": "cpu",
                       "lm_head": "disk", "sprm_head": "cpu"}  # fmt: skip
+    memory = None
+    if placement == "auto":  # what a user types: accelerate plans the placement, and no memory is left but disk
+        device_map, memory = "auto", {"cpu": 1}
     offloaded = MetaStoneForCausalLMWithSPRM.from_pretrained(
-        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+        tmp_path / "model", device_map=device_map, max_memory=memory, offload_folder=str(tmp_path / "offload")
     ).eval()
+    if placement == "auto":
+        assert set(offloaded.hf_device_map.values()) == {"disk"}
     assert offloaded.model.layers[3].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
 
     ids, mask = pad(random_trajectories(4, seed=5), "left")
@@ -558,7 +563,7 @@ def test_offloaded_model_scores_and_searches_like_the_model_in_memory(tmp_path, 
     assert got.num_steps.tolist() == expected.num_steps.tolist()
 
     prompt = torch.tensor([[1, THINK, 11, 12, 13]])
-    for search in ({}, {"search": "beam", "beam_width": 2}):
+    for search in ({}, {"search": "beam", "beam_width": 2}, {"search": "dvts", "beam_width": 2}):
         kwargs = dict(max_new_tokens=12, num_candidates=4, do_sample=True, seed=3, **search)
         want, have = reference.generate(prompt, **kwargs), offloaded.generate(prompt, **kwargs)
         assert torch.equal(have.sequences, want.sequences), search

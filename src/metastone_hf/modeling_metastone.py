@@ -97,9 +97,12 @@ class MetaStonePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Plain decoding (`generate` without Best-of-N) does not run the head, so its forward has no hook to trace.
     _can_compile_fullgraph = True
-    # The head keeps float32 weights when the backbone is loaded in bf16/fp16 (see `MetaStoneSPRMHead`). Every
-    # transformers quantizer also leaves the modules named in `_keep_in_fp32_modules` unconverted, whatever its own
-    # `modules_to_not_convert` says: the head is never quantized (it is ~0.3% of the weights and trains at lr 1e-5).
+    # The head keeps float32 weights when the backbone is loaded in bf16/fp16 (see `MetaStoneSPRMHead`). The
+    # transformers quantizers that quantize at load through `get_modules_to_not_convert` (bitsandbytes, torchao,
+    # quanto, and most others) also leave the modules named in `_keep_in_fp32_modules` unconverted, whatever their own
+    # `modules_to_not_convert` says, so the head (~0.3% of the weights, trained at lr 1e-5) is not quantized. The few
+    # that pick modules otherwise (HQQ's `skip_modules`, pre-quantized GPTQ/AQLM/... checkpoints) are caught by the
+    # check at the end of `from_pretrained`, which warns when the head's parameters are not plain float32.
     _keep_in_fp32_modules = ["sprm_head"]
     _keep_in_fp32_modules_strict = ["sprm_head"]
 
