@@ -380,8 +380,11 @@ def test_eval_says_when_accelerate_launched_one_process_of_several(checkpoint, t
         capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "warning: `accelerate launch` was asked for several processes but started this one alone" in proc.stderr
+    said = proc.stderr.find("warning: `accelerate launch` was asked for several processes but started this one alone")
+    assert said >= 0, proc.stderr[-3000:]
     assert "accelerate launch --multi_gpu --num_processes N" in proc.stderr
+    # the command's first line: before the model loads and the prompt template is named
+    assert said < proc.stderr.index("prompt template:"), proc.stderr[-3000:]
     assert (out / "eval_report.json").exists()
 
 
