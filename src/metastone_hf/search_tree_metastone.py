@@ -8,8 +8,10 @@ written with its pieces:
 * **Decode to a boundary.** Rows decode in one batch until their next step token (beam search, DVTS) or until they
   finish (EOS, a stop string or stopping criterion, the length limit). A row that reaches its boundary leaves the
   batch and the KV cache at once (``Cache.batch_select_indices``), so later forwards are smaller.
-* **Score online.** A step's score is the SPRM logit of the forward pass that sampled its step token (the head runs
-  in that same forward, on the kept position); nothing is re-run and no hidden state is kept.
+* **Score online.** A step's score is the SPRM logit of the features of the forward pass that sampled its step
+  token: that forward captures the feature layer at the kept position (``return_sprm_logits=False``), and the head
+  then runs on those features only for the rows whose sampled token is a step token. Nothing is re-run and no
+  hidden state outlives the step.
 * **Select and expand.** At a step boundary the best beams of each group survive (ranked by their running
   geometric-mean score, or by their last step's score); each survivor's last token is fed once and its cache
   repeated for its children, so nothing already decoded is processed again.
