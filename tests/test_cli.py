@@ -442,3 +442,24 @@ def test_commands_use_the_prompt_template_the_checkpoint_records(templated_check
     assert "recorded in the checkpoint" in capsys.readouterr().err
     report = json.loads((out_dir / "eval_report.json").read_text())
     assert report["summary"]["protocol"]["prompt_template"] == "Question {question} Answer <think>"
+
+
+def test_eval_stall_timeout_reaches_the_runner(checkpoint, two_questions, tmp_path, monkeypatch):
+    from metastone_hf import eval_runner
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_evaluation(*args, **kwargs):
+        seen.append(kwargs.get("stall_seconds", eval_runner.STALL_SECONDS))
+        raise Stop  # before any sampling
+
+    monkeypatch.setattr(eval_runner, "run_evaluation", fake_run_evaluation)
+    common = ["eval", "--model", checkpoint, "--data", two_questions, "--protocol", "quick", "--efforts", "low",
+              "--max-new-tokens", "4", "--output-dir", str(tmp_path / "eval"), "--no-progress"]  # fmt: skip
+    for extra in ([], ["--stall-timeout", "90"]):
+        with pytest.raises(Stop):
+            cli.main([*common, *extra])
+    assert seen == [3600.0, 90.0] and eval_runner.STALL_SECONDS == 3600.0  # the default --help names

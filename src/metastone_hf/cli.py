@@ -434,6 +434,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress_bar=not args.no_progress,
         state=state,
+        **({} if args.stall_timeout is None else {"stall_seconds": args.stall_timeout}),
     )
     if torch.distributed.is_initialized():
         # Torn down here rather than at interpreter exit, where gloo's threads can abort a finished run.
@@ -676,6 +677,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--overwrite", action="store_true", help="discard the records already in --output-dir and start afresh"
+    )
+    ev.add_argument(
+        "--stall-timeout",
+        type=POSITIVE_FLOAT,
+        default=None,
+        metavar="SECONDS",
+        help="under several processes, once done with its own questions the main process stops with an error naming "
+        "a process that has written no record for this long (default: 3600, one hour); raise it when one batch of "
+        "questions can take longer",
     )
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_eval)
