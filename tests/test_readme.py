@@ -23,6 +23,7 @@ def test_the_readme_has_a_quickstart_within_its_first_60_lines():
     assert "num_candidates=" in quickstart and 'search="beam"' in quickstart and "score_trajectories" in quickstart
     first_best_of_n = next(i for i, line in enumerate(lines) if "num_candidates=" in line)
     assert first_best_of_n < 60, first_best_of_n
+    assert len(quickstart.strip().splitlines()) <= 30  # the whole section, heading to its last line
     assert len(SNIPPETS[0].splitlines()) <= 30
 
 
