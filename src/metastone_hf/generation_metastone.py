@@ -46,7 +46,7 @@ from .pruning_metastone import Pruning
 from .sampling_metastone import check_prompt_seeds
 from .scoring_metastone import check_token_batch, eval_mode
 from .search_output_metastone import SearchOutput
-from .search_tree_metastone import StepSearch, split_budget
+from .search_tree_metastone import StepSearch
 from .selection_metastone import AnswerExtractor, SelectionStrategy, resolve_selection
 
 SEARCHES = ("best_of_n", "beam", "dvts")
@@ -265,9 +265,7 @@ def beam_search(
     search = _engine(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, config)
     beams_kept = n // config.beam_width
     search.expand(torch.full((search.batch,), n, device=input_ids.device), at_steps=True)
-    while (survivors := search.keep_best(search.decode(at_steps=True), beams_kept, config.ranking)) is not None:
-        search.resume(survivors)
-        search.expand(split_budget(survivors, n), at_steps=True)
+    search.search_rounds(beams_kept, n, config.ranking)
     return search.finish("beam", config.selection, config.answer_extractor, answer_tokenizer)
 
 
@@ -292,12 +290,11 @@ def dvts(
     n, m = config.num_candidates, config.beam_width
     search = _engine(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, config)
     subtree = torch.arange(n, device=input_ids.device) // m
+    search.group_slots = m  # subtree g's children always sample in slots g * M .. g * M + M - 1
     search.expand(
         torch.full((search.batch,), n, device=input_ids.device), groups=subtree.repeat(search.batch), at_steps=True
     )
-    while (survivors := search.keep_best(search.decode(at_steps=True), 1, config.ranking)) is not None:
-        search.resume(survivors)
-        search.expand(split_budget(survivors, m), at_steps=True)
+    search.search_rounds(1, m, config.ranking)
     return search.finish("dvts", config.selection, config.answer_extractor, answer_tokenizer)
 
 

@@ -10,9 +10,11 @@ written with its pieces:
   batch and the KV cache at once (``Cache.batch_select_indices``), so later forwards are smaller.
 * **Score online.** A step's score is the SPRM logit of the forward pass that sampled its step token (the head runs
   in that same forward, on the kept position); nothing is re-run and no hidden state is kept.
-* **Select and expand.** At a step boundary the best beams of each group survive (ranked by their running
-  geometric-mean score, or by their last step's score); each survivor's last token is fed once and its cache
-  repeated for its children, so nothing already decoded is processed again.
+* **Select and expand, per prompt and group.** The moment every row of a (prompt, group) has stopped (beam search:
+  the prompt; DVTS: the subtree), its best beams survive (ranked by their running geometric-mean score, or by their
+  last step's score) and join the running batch in its next decode step: no row waits for another prompt's or
+  subtree's rows. Each survivor's last token is fed once and its cache repeated for its children, so nothing
+  already decoded is processed again.
 
 Rows sample through [`RowwiseSampler`] (``sampling_metastone.py``); parked rows and their caches are kept by
 [`SearchRows`] (``search_rows_metastone.py``); pruning is [`Pruning`]'s; the output is assembled by
@@ -47,7 +49,8 @@ class StepSearch:
 
     The pieces every strategy is written with: [`expand`] (feed each row's last token once, then sample the first
     token of each of its children), [`decode`] (until every row has finished or reached its next step),
-    [`keep_best`] (the survivors of each group), [`resume`] (put parked survivors back into the batch) and
+    [`search_rounds`] (the rounds of beam search and DVTS, per prompt and group: [`keep_best`] picks the survivors
+    of a (prompt, group) whose rows have all stopped, and they are expanded within the running batch) and
     [`finish`] (final scores, selection, the output).
 
     Args:
@@ -111,9 +114,12 @@ class StepSearch:
         ]
         self.finished: list[FinishedTrajectory] = []
         self.parked: list[SearchRows] = []
-        self.round = 0
-        self.num_slots = self.batch
-        self.slots_per_prompt = torch.ones(self.batch, dtype=torch.long, device=device)
+        # Every prompt owns N sampling slots (prompt b's are b * N + j); a (prompt, group) owns `group_slots` of them
+        # (DVTS: subtree g's children always take slots g * M + j), so a row's noise never depends on other rows.
+        self.slots_per_prompt = torch.full((self.batch,), num_candidates, dtype=torch.long, device=device)
+        self.group_slots = num_candidates
+        self.rounds: dict[tuple[int, int], int] = {}  # expansions so far of each (prompt, group)
+        self._stopped_rows = False  # a row left the batch in the last step (a round may have ended)
         self.alive = torch.ones(self.batch, dtype=torch.bool, device=device)
         self.tokens_generated = 0
         self.tokens_processed = 0
@@ -248,7 +254,8 @@ class StepSearch:
             self._park(parked.nonzero().flatten())
         stopped = done | pruned | parked
         if self.remove_stopped_rows:
-            if bool(stopped.any()):
+            self._stopped_rows = bool(stopped.any())
+            if self._stopped_rows:
                 keep = (~stopped).nonzero().flatten()
                 self.cache.batch_select_indices(keep)
                 self.rows = rows.select(keep)
@@ -268,7 +275,7 @@ class StepSearch:
             FinishedTrajectory(
                 prompt=prompt,
                 node=node,
-                order=(self.round, int(rows.slot[i])),
+                order=(self.tree[prompt][node].round, int(rows.slot[i])),
                 generated=rows.tokens[i, rows.tokens.shape[1] - generated :].clone(),
                 records=rows.records[i],
                 log_score=float(scores[0][i]) if scores is not None else math.nan,
@@ -295,32 +302,99 @@ class StepSearch:
             groups: ``[sum(fanout)]`` the children's groups (default: their parent's).
             at_steps: children that sample a step token already stop there (beam search, DVTS).
         """
+        self._grow(fanout, 0, groups, at_steps)
+
+    def _grow(self, fanout: torch.Tensor, continuing: int, groups: torch.Tensor | None, at_steps: bool) -> None:
+        """One decode step in which rows ``continuing:`` are expanded: row ``i`` becomes ``fanout[i]`` children.
+
+        The first ``continuing`` rows (fanout 1) simply take their next token; the others' children start a new
+        round of their (prompt, group), with new tree nodes and the group's sampling slots. Children of one
+        (prompt, group) must be consecutive.
+        """
         logits, features = self._forward()
-        index = torch.arange(len(self.rows), device=fanout.device).repeat_interleave(fanout)
+        device = fanout.device
+        index = torch.arange(len(self.rows), device=device).repeat_interleave(fanout)
         self.cache.batch_select_indices(index)
-        parents = self.rows
-        self.rows = parents.select(index)
+        self.rows = self.rows.select(index)
         self.rule.select(index)
-        self.round += 1
-        self.num_slots = len(self.rows)
-        self.rows.slot = torch.arange(self.num_slots, device=fanout.device)
-        # Slots of one prompt are consecutive (rows are kept in prompt order), so a prompt's generator can draw them.
-        self.slots_per_prompt = torch.bincount(self.rows.prompt, minlength=self.batch)
-        if not bool((self.rows.prompt[1:] >= self.rows.prompt[:-1]).all()):
-            raise RuntimeError("Internal error: the search's rows are not in prompt order.")
+        rows = self.rows
         if groups is not None:
-            self.rows.group = groups
-        self.alive = torch.ones(self.num_slots, dtype=torch.bool, device=fanout.device)
-        for i in range(self.num_slots):
-            prompt = int(self.rows.prompt[i])
+            rows.group = groups
+        self.alive = torch.ones(len(rows), dtype=torch.bool, device=device)
+        new = slice(continuing, None)
+        nodes, slots, taken = [], [], {}
+        for prompt, group, parent, generated in zip(
+            rows.prompt[new].tolist(), rows.group[new].tolist(), rows.node[new].tolist(), rows.generated[new].tolist()
+        ):
+            unit = (prompt, group)
+            if unit not in taken:
+                taken[unit] = 0
+                self.rounds[unit] = self.rounds.get(unit, 0) + 1
             tree = self.tree[prompt]
-            parent = int(self.rows.node[i])
             if tree[parent].status != "root":
                 tree[parent].status = "expanded"
-            start = self.prompt_length + int(self.rows.generated[i])
-            tree.append(SearchNode(len(tree), parent, start, start, self.round, int(self.rows.group[i])))
-            self.rows.node[i] = len(tree) - 1
+            start = self.prompt_length + generated
+            tree.append(SearchNode(len(tree), parent, start, start, self.rounds[unit], group))
+            nodes.append(len(tree) - 1)
+            slot = group * self.group_slots + taken[unit]
+            if slot >= self.n:
+                raise RuntimeError("Internal error: a round of the search has more than N rows.")
+            slots.append(prompt * self.n + slot)
+            taken[unit] += 1
+        if nodes:
+            rows.node[new] = torch.tensor(nodes, dtype=rows.node.dtype, device=device)
+            rows.slot[new] = torch.tensor(slots, dtype=rows.slot.dtype, device=device)
         self._sample(logits[index], features[index], at_steps)
+
+    def search_rounds(self, width: int, budget: int, ranking: str = "mean") -> None:
+        """Beam search / DVTS after the first expansion: rounds per (prompt, group), none waiting for another.
+
+        Rows decode to their next step (or their end). The moment every row of a (prompt, group) has stopped, its
+        ``width`` best parked rows (by ``ranking``) survive and share ``budget`` children ([`split_budget`]), which
+        join the running batch in the next decode step: rows of other prompts and groups keep decoding meanwhile.
+        Ends when no row is left.
+        """
+        survivors = None
+        while True:
+            if survivors is not None:
+                self._admit(survivors, budget)
+            elif len(self.rows):
+                logits, features = self._forward()
+                self._sample(logits, features, at_steps=True)
+            else:
+                break
+            survivors = None
+            if self.parked and (self._stopped_rows or not len(self.rows)):
+                survivors = self.keep_best(self._take_ready(), width, ranking)
+
+    def _take_ready(self) -> SearchRows | None:
+        """The parked rows of every (prompt, group) that has no row decoding any more, taken out of ``parked``."""
+        rows = self.rows
+        live = set(zip(rows.prompt.tolist(), rows.group.tolist())) if len(rows) else set()
+        ready, waiting = [], []
+        for part in self.parked:
+            is_ready = [unit not in live for unit in zip(part.prompt.tolist(), part.group.tolist())]
+            if all(is_ready):
+                ready.append(part)
+            elif not any(is_ready):
+                waiting.append(part)
+            else:
+                device = part.prompt.device
+                ready.append(part.select(torch.tensor([i for i, r in enumerate(is_ready) if r], device=device)))
+                waiting.append(part.select(torch.tensor([i for i, r in enumerate(is_ready) if not r], device=device)))
+        self.parked = waiting
+        return SearchRows.merge(ready) if ready else None
+
+    def _admit(self, survivors: SearchRows, budget: int) -> None:
+        """Merge ``survivors`` (parked rows) into the running batch and expand them in its next decode step."""
+        fanout = split_budget(survivors, budget)
+        live = len(self.rows)
+        if live:
+            running = self.rows.park(torch.arange(live, device=fanout.device), self.cache, self.rule)
+            survivors = SearchRows.merge([running, survivors])
+        self.resume(survivors)
+        ones = torch.ones(live, dtype=fanout.dtype, device=fanout.device)
+        self._grow(torch.cat([ones, fanout]), live, None, at_steps=True)
 
     def decode(self, at_steps: bool = False) -> SearchRows | None:
         """Decode until every row has finished, or (``at_steps``) stopped at its next step; returns the parked rows."""
