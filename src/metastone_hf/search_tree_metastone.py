@@ -26,8 +26,9 @@ and its sibling sampling, scoring, selection, rows, pruning and output files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -126,18 +127,19 @@ class StepSearch:
         self.pruning = Pruning()
         self.progress = tqdm(desc="search", unit="tok", leave=False) if progress_bar else None
         self.cache = cache if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0 else None
-        self.rows = self._prefill()
+        self.prompt_rule_state = (self.rule.previous, self.rule.seen_end)
+        self.rows = SearchRows.empty(input_ids, self.rule)
+        self.alive = self.alive[:0]
+        self.admitted = 0  # prompts 0 .. admitted - 1 have been prefilled
 
     # -------------------------------------------------------------- prompts
-    def _prefill(self) -> SearchRows:
-        """Run the prompts once (all but their last token) and score the step tokens they already hold."""
-        ids, mask = self.prompt_ids, self.prompt_mask
+    def _prefill(self, prompts: torch.Tensor, cache: DynamicCache) -> SearchRows:
+        """Run prompts ``prompts`` once (all but their last token) into ``cache``; score the step tokens they hold."""
+        ids, mask = self.prompt_ids[prompts], self.prompt_mask[prompts]
         batch, length = ids.shape
         device = ids.device
         records = [StepRecords() for _ in range(batch)]
         last_logit = torch.full((batch,), float("nan"), device=device)
-        if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         if length > 1:
             position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             with self.model.capture_sprm_features() as captured:
@@ -146,7 +148,7 @@ class StepSearch:
                     input_ids=ids[:, :-1],
                     attention_mask=mask[:, :-1] if self.prompt_has_padding else None,
                     position_ids=position_ids[:, :-1],
-                    cache=self.cache,
+                    cache=cache,
                     use_cache=True,
                     **self.forward_kwargs,
                 )
@@ -164,10 +166,11 @@ class StepSearch:
             last_logit = torch.where(last >= 0, counted_logits.gather(1, last.clamp(min=0)[:, None])[:, 0], last_logit)
             del captured
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        previous, seen_end = self.prompt_rule_state
         return SearchRows(
-            tokens=ids, mask=mask, prompt=torch.arange(batch, device=device), group=zeros, node=zeros.clone(),
-            slot=torch.arange(batch, device=device), generated=zeros.clone(), offset=zeros.clone(),
-            last_logit=last_logit, previous=self.rule.previous, seen_end=self.rule.seen_end,
+            tokens=ids, mask=mask, prompt=prompts.clone(), group=zeros, node=zeros.clone(),
+            slot=prompts * self.n, generated=zeros.clone(), offset=zeros.clone(),
+            last_logit=last_logit, previous=previous[prompts], seen_end=seen_end[prompts],
             records=records,
         )  # fmt: skip
 
@@ -253,8 +256,8 @@ class StepSearch:
         if bool(parked.any()):
             self._park(parked.nonzero().flatten())
         stopped = done | pruned | parked
+        self._stopped_rows = bool(stopped.any())
         if self.remove_stopped_rows:
-            self._stopped_rows = bool(stopped.any())
             if self._stopped_rows:
                 keep = (~stopped).nonzero().flatten()
                 self.cache.batch_select_indices(keep)
@@ -319,7 +322,7 @@ class StepSearch:
         self.rule.select(index)
         rows = self.rows
         if groups is not None:
-            rows.group = groups
+            rows.group[len(rows) - len(groups) :] = groups
         self.alive = torch.ones(len(rows), dtype=torch.bool, device=device)
         new = slice(continuing, None)
         nodes, slots, taken = [], [], {}
@@ -346,26 +349,49 @@ class StepSearch:
             rows.slot[new] = torch.tensor(slots, dtype=rows.slot.dtype, device=device)
         self._sample(logits[index], features[index], at_steps)
 
-    def search_rounds(self, width: int, budget: int, ranking: str = "mean") -> None:
-        """Beam search / DVTS after the first expansion: rounds per (prompt, group), none waiting for another.
+    def run(
+        self,
+        at_steps: bool = False,
+        width: int = 0,
+        budget: int = 0,
+        ranking: str = "mean",
+        first_groups: torch.Tensor | None = None,
+        capacity: int | None = None,
+    ) -> Iterator[int]:
+        """Decode every prompt to its N candidates, admitting prompts as room frees; yields each prompt as it ends.
 
-        Rows decode to their next step (or their end). The moment every row of a (prompt, group) has stopped, its
-        ``width`` best parked rows (by ``ranking``) survive and share ``budget`` children ([`split_budget`]), which
-        join the running batch in the next decode step: rows of other prompts and groups keep decoding meanwhile.
-        Ends when no row is left.
+        Prompts are admitted in order, as many as ``capacity`` rows hold (N rows each; all of them when ``None``):
+        each is prefilled and its N children join the running batch in its next decode step, the moment an earlier
+        prompt has finished. With ``at_steps`` (beam search, DVTS), rows stop at their next step; the moment every
+        row of a (prompt, group) has stopped, its ``width`` best parked rows (by ``ranking``) survive and share
+        ``budget`` children ([`split_budget`]), which join the running batch in its next decode step: no row waits
+        for another prompt's or group's rows. A prompt's first children get groups ``first_groups`` (DVTS's
+        subtrees). Yields the index of every prompt whose candidates are all finished, as soon as they are.
         """
+        limit = self.batch if capacity is None else max(1, capacity // self.n)
+        active: set[int] = set()
         survivors = None
         while True:
-            if survivors is not None:
-                self._admit(survivors, budget)
-            elif len(self.rows):
+            admit = list(range(self.admitted, min(self.batch, self.admitted + limit - len(active))))
+            if admit or survivors is not None:
+                self.admitted += len(admit)
+                active.update(admit)
+                self._admit(survivors, budget, admit, first_groups, at_steps)
+            elif bool(self.alive.any()):
                 logits, features = self._forward()
-                self._sample(logits, features, at_steps=True)
+                self._sample(logits, features, at_steps)
             else:
                 break
             survivors = None
-            if self.parked and (self._stopped_rows or not len(self.rows)):
+            if at_steps and self.parked and (self._stopped_rows or not len(self.rows)):
                 survivors = self.keep_best(self._take_ready(), width, ranking)
+            if self._stopped_rows or not len(self.rows):
+                present = set(self.rows.prompt[self.alive].tolist())
+                for part in [*self.parked, *([survivors] if survivors is not None else [])]:
+                    present.update(part.prompt.tolist())
+                for prompt in sorted(active - present):
+                    active.discard(prompt)
+                    yield prompt
 
     def _take_ready(self) -> SearchRows | None:
         """The parked rows of every (prompt, group) that has no row decoding any more, taken out of ``parked``."""
@@ -385,25 +411,65 @@ class StepSearch:
         self.parked = waiting
         return SearchRows.merge(ready) if ready else None
 
-    def _admit(self, survivors: SearchRows, budget: int) -> None:
-        """Merge ``survivors`` (parked rows) into the running batch and expand them in its next decode step."""
-        fanout = split_budget(survivors, budget)
-        live = len(self.rows)
-        if live:
-            running = self.rows.park(torch.arange(live, device=fanout.device), self.cache, self.rule)
-            survivors = SearchRows.merge([running, survivors])
-        self.resume(survivors)
-        ones = torch.ones(live, dtype=fanout.dtype, device=fanout.device)
-        self._grow(torch.cat([ones, fanout]), live, None, at_steps=True)
+    def _admit(
+        self,
+        survivors: SearchRows | None,
+        budget: int,
+        prompts: list[int],
+        first_groups: torch.Tensor | None,
+        at_steps: bool,
+    ) -> None:
+        """One decode step that also expands ``survivors`` (parked rows) and the newly admitted ``prompts``.
 
-    def decode(self, at_steps: bool = False) -> SearchRows | None:
-        """Decode until every row has finished, or (``at_steps``) stopped at its next step; returns the parked rows."""
-        while bool(self.alive.any()):
-            logits, features = self._forward()
-            self._sample(logits, features, at_steps)
-        parked = SearchRows.merge(self.parked) if self.parked else None
-        self.parked = []
-        return parked
+        Running rows, survivors and the prefilled prompts are merged into one batch (right aligned, as parked rows
+        are merged), the survivors get ``budget`` children per (prompt, group), each new prompt N.
+        """
+        device = self.prompt_ids.device
+        config = self.model.config.get_text_config(decoder=True)
+        live = len(self.rows)
+        parts, fanouts = [], []
+        if live:
+            parts.append(self.rows.park(torch.arange(live, device=device), self.cache, self.rule))
+            fanouts.append(torch.ones(live, dtype=torch.long, device=device))
+        if survivors is not None:
+            parts.append(survivors)
+            fanouts.append(split_budget(survivors, budget))
+        groups = None
+        if prompts:
+            index = torch.tensor(prompts, dtype=torch.long, device=device)
+            reuse = not parts and self.cache is not None and self.admitted == len(prompts)  # `generate`'s, unused
+            cache = self.cache if reuse else DynamicCache(config=config)
+            fresh = self._prefill(index, cache)
+            fanouts.append(torch.full((len(prompts),), self.n, dtype=torch.long, device=device))
+            if first_groups is not None:
+                groups = first_groups.repeat(len(prompts))
+            if not parts:  # nothing else decodes: the prompts' cache is the batch's, as `generate` prepared it
+                self.cache, self.rows = cache, fresh
+                self.rule.previous, self.rule.seen_end = fresh.previous, fresh.seen_end
+            else:
+                parts.append(fresh.park(torch.arange(len(prompts), device=device), cache, fresh))
+        if parts:
+            self.resume(SearchRows.merge(parts) if len(parts) > 1 else parts[0])
+        self._grow(torch.cat(fanouts), live, groups, at_steps)
+
+    def output_for(
+        self,
+        prompt: int,
+        search: str,
+        selection: str | SelectionStrategy = "sprm",
+        answer_extractor: AnswerExtractor | None = None,
+        tokenizer: Any | None = None,
+    ) -> SearchOutput:
+        """The output of prompt ``prompt`` alone (a batch of one), once it has finished; its trajectories are freed."""
+        mine = [dataclasses.replace(f, prompt=0) for f in self.finished if f.prompt == prompt]
+        self.finished = [f for f in self.finished if f.prompt != prompt]
+        tree = self.tree[prompt]
+        self.tree[prompt] = []
+        return build_search_output(
+            self.model, mine, [tree], self.prompt_ids[prompt : prompt + 1], self.prompt_mask[prompt : prompt + 1],
+            self.n, self.pad, self.max_new_tokens, search, selection, answer_extractor, tokenizer,
+            sum(node.end - node.start for node in tree[1:]), 0,
+        )  # fmt: skip
 
     def completed_per_prompt(self) -> torch.Tensor:
         counts = torch.zeros(self.batch, dtype=torch.long)

@@ -1,0 +1,87 @@
+"""Continuous batching: prompts admitted into a running decode give what each prompt alone gives.
+
+Three prompts of different lengths, per-prompt seeds, the paper's processors (temperature 0.6, top_p 0.95,
+repetition penalty 1.05), ``min_new_tokens`` and a stop string, EOS and steps sampled often (lengths vary, rounds
+end at different times): with room for one or two prompts at a time, in a batch or streamed, every strategy returns
+each prompt's candidates token for token, with the same scores and pick, as a call with that prompt alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metastone_hf.tiny import tiny_metastone_for_tokenizer, tiny_tokenizer
+
+N, M = 4, 2
+TEXTS = ["what is half of twelve", "how many days are in two weeks and how many hours", "sum"]
+SEEDS = [5, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = tiny_tokenizer()
+    model = tiny_metastone_for_tokenizer(tokenizer, hidden_size=32, num_hidden_layers=2, seed=3).eval()
+    step = int(model.config.step_token_ids[0])
+    settings = {
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.05, "min_new_tokens": 3,
+        "max_new_tokens": 40, "stop_strings": ["sum"], "tokenizer": tokenizer, "pad_token_id": tokenizer.pad_token_id,
+        "sequence_bias": {(step,): 2.5, (tokenizer.eos_token_id,): 1.8},
+    }  # fmt: skip
+    return tokenizer, model, settings
+
+
+def generated(out, b: int, j: int) -> list[int]:
+    n = int(out.num_generated_tokens[b, j])
+    real = out.candidates[b, j][out.candidate_attention_mask[b, j].bool()]
+    return real[len(real) - n :].tolist()
+
+
+def assert_same_prompt(out, b: int, alone) -> None:
+    assert [generated(out, b, j) for j in range(N)] == [generated(alone, 0, j) for j in range(N)]
+    torch.testing.assert_close(out.scores[b].double(), alone.scores[0].double(), atol=1e-4, rtol=0)
+    assert int(out.chosen_index[b]) == int(alone.chosen_index[0])
+    shape = [(n.parent, n.round, n.group, n.status, n.end - n.start) for n in out.search_tree[b][1:]]
+    assert shape == [(n.parent, n.round, n.group, n.status, n.end - n.start) for n in alone.search_tree[0][1:]]
+
+
+@pytest.mark.parametrize("search", ["best_of_n", "beam", "dvts"])
+def test_admitted_prompts_equal_each_prompt_alone(setup, search):
+    tokenizer, model, settings = setup
+    options = {"search": search, "num_candidates": N, **({} if search == "best_of_n" else {"beam_width": M})}
+    alone = []
+    for text, seed in zip(TEXTS, SEEDS):
+        ids = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        alone.append(model.generate(**ids, seed=[seed], **options, **settings))
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    rounds = max(n.round for out in alone for n in out.search_tree[0])
+    if search != "best_of_n":
+        assert rounds > 1  # the rounds really end at different times
+    for capacity in (None, N, 2 * N):
+        out = model.generate(**batch, seed=SEEDS, max_active_rows=capacity, **options, **settings)
+        for b in range(len(TEXTS)):
+            assert_same_prompt(out, b, alone[b])
+    streamed = model.generate(**batch, seed=SEEDS, max_active_rows=2 * N, stream=True, **options, **settings)
+    seen = []
+    for b, out in streamed:
+        seen.append(b)
+        assert_same_prompt(out, 0, alone[b])
+    assert sorted(seen) == [0, 1, 2]
+
+
+def test_capacity_bounds_the_rows_of_every_decode_step(setup):
+    tokenizer, model, settings = setup
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows: list[int] = []
+    handle = model.model.register_forward_hook(
+        lambda _m, _a, kwargs, _o: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        model.generate(
+            **batch, search="beam", num_candidates=N, beam_width=M, seed=SEEDS, max_active_rows=N, **settings
+        )
+    finally:
+        handle.remove()
+    assert max(rows) == N  # one prompt at a time, its N rows (prefills of one prompt included)
+    with pytest.raises(ValueError, match="max_active_rows"):
+        model.generate(**batch, num_candidates=N, seed=SEEDS, max_active_rows=0, **settings)
