@@ -85,3 +85,48 @@ def test_capacity_bounds_the_rows_of_every_decode_step(setup):
     assert max(rows) == N  # one prompt at a time, its N rows (prefills of one prompt included)
     with pytest.raises(ValueError, match="max_active_rows"):
         model.generate(**batch, num_candidates=N, seed=SEEDS, max_active_rows=0, **settings)
+
+
+def test_eval_records_under_continuous_admission_equal_batch_size_one(setup):
+    from metastone_hf.eval_runner import EvalPlan, question_records
+    from metastone_hf.evaluation import EVAL_PROTOCOLS, EvalExample, resolve_protocol
+
+    tokenizer, model, settings = setup
+    questions = [*TEXTS, "how many feet are in three yards", "add"]
+    examples = [EvalExample(q, "2", str(i)) for i, q in enumerate(questions)]
+    protocol, _ = resolve_protocol(EVAL_PROTOCOLS["paper"], max_new_tokens=40)
+    plan = EvalPlan(protocol, N, {str(N): N}, ("best_of_n", "beam", "dvts"), beam_width=M, seed=3)
+    extra = {k: settings[k] for k in ("min_new_tokens", "stop_strings", "tokenizer", "sequence_bias")}
+
+    def records(batch_size: int, searches=plan.searches):
+        one = EvalPlan(protocol, N, {str(N): N}, searches, beam_width=M, seed=3)
+        return list(
+            question_records(
+                model, tokenizer, examples, range(len(examples)), one, prompt_builder=lambda q: q,
+                batch_size=batch_size, progress_bar=False, generate_kwargs=extra,
+            )
+        )  # fmt: skip
+
+    def assert_same(got, expected):
+        assert [r["index"] for r in got] == list(range(len(examples)))
+        for a, b in zip(got, expected):
+            assert a["results"].keys() == b["results"].keys()
+            for key, x in a["results"].items():
+                y = b["results"][key]
+                assert (x["completions"], x["tokens"], x["chosen"], x["tokens_generated"]) == (
+                    y["completions"], y["tokens"], y["chosen"], y["tokens_generated"],
+                ), key  # fmt: skip
+                assert max(abs(p - q) for p, q in zip(x["scores"], y["scores"])) <= 1e-4
+
+    reference = records(1)
+    lengths = {len(c) for r in reference for x in r["results"].values() for c in x["completions"]}
+    assert len(lengths) > 3  # candidates of many lengths: questions finish at different times
+    for batch_size in (2, 3):
+        got = records(batch_size)
+        assert_same(got, reference)
+        decode = [r["decode"] for r in got]
+        assert all(d["capacity"] == batch_size * N for d in decode)
+        assert sum(d["rows"] for d in decode) / sum(d["steps"] for d in decode) <= batch_size * N
+    for search in plan.searches:  # one strategy alone: one continuous stream over every question
+        assert_same(records(3, (search,)), [{**r, "results": {k: v for k, v in r["results"].items() if
+                                                                k.startswith(search)}} for r in reference])  # fmt: skip
