@@ -77,12 +77,17 @@ def test_capacity_bounds_the_rows_of_every_decode_step(setup):
         lambda _m, _a, kwargs, _o: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     try:
+        model.generate(**batch, num_candidates=N, seed=SEEDS, max_active_rows=N, **settings)
+        best_of_n, rows[:] = list(rows), []
         model.generate(
             **batch, search="beam", num_candidates=N, beam_width=M, seed=SEEDS, max_active_rows=N, **settings
         )
     finally:
         handle.remove()
-    assert max(rows) == N  # one prompt at a time, its N rows (prefills of one prompt included)
+    assert max(best_of_n) == N  # Best-of-N: one prompt at a time, its N rows (prefills of one prompt included)
+    # Beam search: parked rows do not count against the capacity (a prompt may be admitted while another's rows wait
+    # for their round), but each prompt holds at most N rows and at most 2 x capacity / N prompts are in flight.
+    assert max(rows) <= 2 * N
     with pytest.raises(ValueError, match="max_active_rows"):
         model.generate(**batch, num_candidates=N, seed=SEEDS, max_active_rows=0, **settings)
 

@@ -106,8 +106,12 @@ class RowwiseSampler:
 
         ``None`` stands for "every row" when one group holds them all (no copy is made then).
         """
-        if bool(alive.all()) and bool((generated == generated[0]).all()):
-            return [(None, self.prompt_length + int(generated[0]))]
+        # One sync for the common case (every row live, all of the same length).
+        all_alive, same_length, first = torch.stack(
+            [alive.all().long(), (generated == generated[0]).all().long(), generated[0]]
+        ).tolist()
+        if all_alive and same_length:
+            return [(None, self.prompt_length + first)]
         live = alive.nonzero().flatten()
         counts = generated[live]
         return [(live[counts == g], self.prompt_length + int(g)) for g in counts.unique().tolist()]
@@ -183,17 +187,34 @@ class RowwiseSampler:
             alive: ``[R]`` rows still decoding; a prompt's generator draws only while it has one.
         """
         vocab = probs.shape[-1]
+        draws = self._draws(slot, prompt, slots_per_prompt, alive)
         if self.generators is None:
-            q = torch.empty((int(slots_per_prompt.sum()), vocab), dtype=probs.dtype, device=probs.device)
+            q = torch.empty((draws, vocab), dtype=probs.dtype, device=probs.device)
             return (probs / q.exponential_(1)[slot]).argmax(dim=-1)
         q = torch.ones_like(probs)
-        slot_base = slots_per_prompt.cumsum(0) - slots_per_prompt
-        for b in prompt[alive].unique().tolist():
-            members = (prompt == b).nonzero().flatten()
-            drawn = torch.empty((int(slots_per_prompt[b]), vocab), dtype=probs.dtype, device=probs.device)
+        for b, members, slots, count in draws:
+            drawn = torch.empty((count, vocab), dtype=probs.dtype, device=probs.device)
             drawn.exponential_(1, generator=self.generators[b])
-            q[members] = drawn[slot[members] - slot_base[b]]
+            q[members] = drawn[slots]
         return (probs / q).argmax(dim=-1)
+
+    def _draws(self, slot: torch.Tensor, prompt: torch.Tensor, slots_per_prompt: torch.Tensor, alive: torch.Tensor):
+        """What each step draws: the slot count (one stream), or (prompt, its rows, their slots, its slot count) for
+        every prompt with a live row. Read on the host once per set of rows (the same tensors), not every step."""
+        key = (slot, prompt, slots_per_prompt, alive)
+        cached = getattr(self, "_drawn_for", None)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        if self.generators is None:
+            draws = int(slots_per_prompt.sum())
+        else:
+            slot_base = slots_per_prompt.cumsum(0) - slots_per_prompt
+            draws = []
+            for b in prompt[alive].unique().tolist():
+                members = (prompt == b).nonzero().flatten()
+                draws.append((b, members, slot[members] - slot_base[b], int(slots_per_prompt[b])))
+        self._drawn_for = (key, draws)
+        return draws
 
 
 def check_prompt_seeds(seed: Any, num_prompts: int) -> list[int] | None:

@@ -210,7 +210,7 @@ class StepSearch:
         rows.tokens = torch.cat([rows.tokens, new_tokens[:, None]], dim=1)
         rows.mask = F.pad(rows.mask, (0, 1), value=1)
         rows.generated = rows.generated + self.alive
-        sampled = int(self.alive.sum())
+        sampled = len(rows) if self.remove_stopped_rows else int(self.alive.sum())  # every row decodes then
         self.tokens_generated += sampled
         if self.progress is not None:
             self.progress.update(sampled)
@@ -249,21 +249,24 @@ class StepSearch:
                 )
         done = (ended | cut) & ~pruned
         parked = at_step & self.alive & ~done & ~pruned
+        stopped = done | pruned | parked
+        # One host decision per step: only a step in which some row stopped looks at which rows did.
+        self._stopped_rows = bool(stopped.any())
+        if not self._stopped_rows:
+            return
         for i in done.nonzero().flatten().tolist():
             self._retire(i, False, scores)
         for i in pruned.nonzero().flatten().tolist():
             self._retire(i, True, scores)
-        if bool(parked.any()):
-            self._park(parked.nonzero().flatten())
-        stopped = done | pruned | parked
-        self._stopped_rows = bool(stopped.any())
+        parked_rows = parked.nonzero().flatten()
+        if len(parked_rows):
+            self._park(parked_rows)
         if self.remove_stopped_rows:
-            if self._stopped_rows:
-                keep = (~stopped).nonzero().flatten()
-                self.cache.batch_select_indices(keep)
-                self.rows = rows.select(keep)
-                self.rule.select(keep)
-                self.alive = self.alive[keep]
+            keep = (~stopped).nonzero().flatten()
+            self.cache.batch_select_indices(keep)
+            self.rows = rows.select(keep)
+            self.rule.select(keep)
+            self.alive = self.alive[keep]
         else:
             self.alive = self.alive & ~stopped
 
@@ -360,24 +363,23 @@ class StepSearch:
     ) -> Iterator[int]:
         """Decode every prompt to its N candidates, admitting prompts as room frees; yields each prompt as it ends.
 
-        Prompts are admitted in order, as many as ``capacity`` rows hold (N rows each; all of them when ``None``):
-        each is prefilled and its N children join the running batch in its next decode step, the moment an earlier
-        prompt has finished. With ``at_steps`` (beam search, DVTS), rows stop at their next step; the moment every
+        Prompts are admitted in order, as many as ``capacity`` rows hold (N rows each; all of them when ``None``;
+        see [`_admissible`]): each is prefilled and its N children join the running batch in its next decode step,
+        the moment N rows are free. With ``at_steps`` (beam search, DVTS), rows stop at their next step; the moment every
         row of a (prompt, group) has stopped, its ``width`` best parked rows (by ``ranking``) survive and share
         ``budget`` children ([`split_budget`]), which join the running batch in its next decode step: no row waits
         for another prompt's or group's rows. A prompt's first children get groups ``first_groups`` (DVTS's
         subtrees). Yields the index of every prompt whose candidates are all finished, as soon as they are.
         """
-        limit = self.batch if capacity is None else max(1, capacity // self.n)
         active: set[int] = set()
         survivors = None
         while True:
-            admit = list(range(self.admitted, min(self.batch, self.admitted + limit - len(active))))
+            admit = self._admissible(survivors, budget, capacity, len(active))
             if admit or survivors is not None:
                 self.admitted += len(admit)
                 active.update(admit)
                 self._admit(survivors, budget, admit, first_groups, at_steps)
-            elif bool(self.alive.any()):
+            elif len(self.rows) if self.remove_stopped_rows else bool(self.alive.any()):
                 logits, features = self._forward()
                 self._sample(logits, features, at_steps)
             else:
@@ -392,6 +394,26 @@ class StepSearch:
                 for prompt in sorted(active - present):
                     active.discard(prompt)
                     yield prompt
+
+    def _admissible(self, survivors: SearchRows | None, budget: int, capacity: int | None, active: int) -> list[int]:
+        """The prompts to admit now: the next ones in order, while their N rows fit.
+
+        ``capacity`` counts the rows that decode in the next step (the running rows and the survivors' children): a
+        prompt is admitted once N rows are free, whichever prompts freed them. Parked rows (beam search, DVTS: rows
+        waiting for the rest of their round) hold memory, not compute, so they do not count against it; memory is
+        bounded instead by the prompts in flight: a prompt never holds more than N rows (decoding or parked), and
+        at most ``2 * capacity // N`` prompts are in flight. So the KV cache holds at most twice ``capacity`` rows,
+        and for Best-of-N (no parked rows) at most ``capacity``.
+        """
+        if capacity is None:
+            return list(range(self.admitted, self.batch))
+        decoding = len(self.rows)
+        if survivors is not None:
+            decoding += budget * len(set(zip(survivors.prompt.tolist(), survivors.group.tolist())))
+        room = min((capacity - decoding) // self.n, (2 * capacity) // self.n - active)
+        if active == 0:
+            room = max(room, 1)  # a prompt of more than `capacity` rows still runs, alone
+        return list(range(self.admitted, min(self.batch, self.admitted + max(room, 0))))
 
     def _take_ready(self) -> SearchRows | None:
         """The parked rows of every (prompt, group) that has no row decoding any more, taken out of ``parked``."""
