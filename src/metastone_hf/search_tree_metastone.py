@@ -121,6 +121,7 @@ class StepSearch:
         self.group_slots = num_candidates
         self.rounds: dict[tuple[int, int], int] = {}  # expansions so far of each (prompt, group)
         self._stopped_rows = False  # a row left the batch in the last step (a round may have ended)
+        self.decode_steps = 0  # tokens given to every live row so far (one per decode step)
         self.alive = torch.ones(self.batch, dtype=torch.bool, device=device)
         self.tokens_generated = 0
         self.tokens_processed = 0
@@ -201,7 +202,9 @@ class StepSearch:
     def _sample(self, logits: torch.Tensor, features: torch.Tensor, at_steps: bool) -> None:
         """Sample one token per row, score the new steps, retire or park the rows that stop."""
         rows = self.rows
-        processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive)
+        # Every live row takes one token per step: the sampler groups rows by length once per set of rows.
+        step = self.decode_steps if self.remove_stopped_rows else None
+        processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive, step)
         probs = F.softmax(processed, dim=-1)
         new_tokens = self.sampler.sample(probs, rows.slot, rows.prompt, self.slots_per_prompt, self.alive)
         if not self.remove_stopped_rows:
@@ -214,25 +217,42 @@ class StepSearch:
         self.tokens_generated += sampled
         if self.progress is not None:
             self.progress.update(sampled)
+        self.decode_steps += 1
         candidate, counts = self.rule.update(new_tokens)
         candidate &= self.alive
         counts &= self.alive
-        steps = candidate.nonzero().flatten()
-        if len(steps):
+
+        def record() -> None:
+            steps = candidate.nonzero().flatten()
             step_logits = self.model.sprm_logits_from_features(features[steps]).float()
-            for i, logit in zip(steps.tolist(), step_logits.tolist()):
-                rows.records[i].add(int(position[i]), logit)
+            for i, at, logit in zip(steps.tolist(), position[steps].tolist(), step_logits.tolist()):
+                rows.records[i].add(at, logit)
             # `counts` is a subset of `candidate`: the rows that count take their new step's logit.
             counted = counts[steps]
             rows.last_logit = rows.last_logit.index_put((steps[counted],), step_logits[counted])
-        self._settle(new_tokens, counts & at_steps)
 
-    def _settle(self, new_tokens: torch.Tensor, at_step: torch.Tensor) -> None:
+        if self.pruning.active:  # pruning ranks the running scores, new steps included
+            if bool(candidate.any()):
+                record()
+            self._settle(new_tokens, counts & at_steps)
+        else:
+            self._settle(new_tokens, counts & at_steps, candidate.any(), record)
+
+    def _settle(
+        self,
+        new_tokens: torch.Tensor,
+        at_step: torch.Tensor,
+        any_step: torch.Tensor | None = None,
+        record: Any = None,
+    ) -> None:
+        """Retire, prune or park the rows that stop; ``record`` (the new steps' scores, when ``any_step``) runs first,
+        decided in the same host sync as whether any row stopped."""
         rows = self.rows
         ended = torch.zeros_like(self.alive)  # ended on its own: EOS, a stop string or criterion
         if self.eos is not None:
             ended |= torch.isin(new_tokens, self.eos)
-        ended |= self.sampler.stopped(rows.tokens, rows.prompt, rows.generated, self.alive)
+        step = self.decode_steps if self.remove_stopped_rows else None
+        ended |= self.sampler.stopped(rows.tokens, rows.prompt, rows.generated, self.alive, step)
         ended &= self.alive
         cut = (rows.generated >= self.max_new_tokens) & self.alive & ~ended  # cut off by the length limit
         pruned = torch.zeros_like(ended)
@@ -251,7 +271,12 @@ class StepSearch:
         parked = at_step & self.alive & ~done & ~pruned
         stopped = done | pruned | parked
         # One host decision per step: only a step in which some row stopped looks at which rows did.
-        self._stopped_rows = bool(stopped.any())
+        if any_step is None:
+            self._stopped_rows = bool(stopped.any())
+        else:
+            has_steps, self._stopped_rows = torch.stack([any_step, stopped.any()]).tolist()
+            if has_steps:
+                record()
         if not self._stopped_rows:
             return
         for i in done.nonzero().flatten().tolist():
