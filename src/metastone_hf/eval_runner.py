@@ -128,7 +128,9 @@ def run_settings(
 
     The device is not one of them: a run preempted on one machine may resume on another. A run with a step search
     records what ``beam_width`` means (``beam_width_meaning``): a run written when beam search kept M beams (rather
-    than N/M beams of M children) lacks it, so resuming it is refused instead of mixing two different searches.
+    than N/M beams of M children) lacks it, so resuming it is refused instead of mixing two different searches;
+    likewise a DVTS run records ``dvts_rounds`` (rounds per subtree, which sample differently from the older
+    rounds per batch).
     """
     from .generation_metastone import BEAM_WIDTH_MEANING
 
@@ -142,6 +144,9 @@ def run_settings(
         "searches": list(plan.searches),
         "beam_width": plan.beam_width,
         **({"beam_width_meaning": BEAM_WIDTH_MEANING} if step_search else {}),
+        # DVTS samples differently since its rounds are per subtree (fixed slots per subtree): an older DVTS run
+        # lacks this and is not resumed with these samples.
+        **({"dvts_rounds": "per_subtree"} if "dvts" in plan.searches else {}),
         "seed": plan.seed,
         "prompt_template": prompt_template,
     }

@@ -29,6 +29,7 @@ This file is part of the remote-code set copied into saved checkpoints: it impor
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,15 +107,19 @@ class RowwiseSampler:
 
         ``None`` stands for "every row" when one group holds them all (no copy is made then).
         """
-        # One sync for the common case (every row live, all of the same length).
-        all_alive, same_length, first = torch.stack(
-            [alive.all().long(), (generated == generated[0]).all().long(), generated[0]]
-        ).tolist()
-        if all_alive and same_length:
-            return [(None, self.prompt_length + first)]
-        live = alive.nonzero().flatten()
-        counts = generated[live]
-        return [(live[counts == g], self.prompt_length + int(g)) for g in counts.unique().tolist()]
+        # One host sync: the rows' lengths and liveness, grouped on the host.
+        lengths, live = torch.stack([generated.long(), alive.long()]).tolist()
+        groups: dict[int, list[int]] = {}
+        for i, (length, is_live) in enumerate(zip(lengths, live)):
+            if is_live:
+                groups.setdefault(length, []).append(i)
+        if len(groups) == 1 and all(live):
+            return [(None, self.prompt_length + lengths[0])]
+        device = generated.device
+        return [
+            (torch.tensor(rows, dtype=torch.long, device=device), self.prompt_length + length)
+            for length, rows in sorted(groups.items())
+        ]
 
     def _cached_groups(
         self, prompt: torch.Tensor, generated: torch.Tensor, alive: torch.Tensor, step: int | None
@@ -235,14 +240,27 @@ class RowwiseSampler:
         cached = getattr(self, "_drawn_for", None)
         if cached is not None and all(a is b for a, b in zip(cached[0], key)):
             return cached[1]
+        counts = getattr(self, "_slot_counts", None)
+        if counts is None or counts[0] is not slots_per_prompt:
+            counts = self._slot_counts = (slots_per_prompt, slots_per_prompt.tolist())
+        per_prompt = counts[1]
         if self.generators is None:
-            draws = int(slots_per_prompt.sum())
+            draws = sum(per_prompt)
         else:
-            slot_base = slots_per_prompt.cumsum(0) - slots_per_prompt
-            draws = []
-            for b in prompt[alive].unique().tolist():
-                members = (prompt == b).nonzero().flatten()
-                draws.append((b, members, slot[members] - slot_base[b], int(slots_per_prompt[b])))
+            # One host sync: each row's prompt, slot and liveness; the rows of each prompt gathered on the host.
+            prompts, slots, live = torch.stack([prompt.long(), slot.long(), alive.long()]).tolist()
+            base = [0, *itertools.accumulate(per_prompt)]
+            members: dict[int, tuple[list[int], list[int]]] = {}
+            for i, (b, s) in enumerate(zip(prompts, slots)):
+                members.setdefault(b, ([], []))
+                members[b][0].append(i)
+                members[b][1].append(s - base[b])
+            device = prompt.device
+            draws = [
+                (b, torch.tensor(rows, device=device), torch.tensor(own, device=device), per_prompt[b])
+                for b, (rows, own) in sorted(members.items())
+                if any(live[i] for i in rows)
+            ]
         self._drawn_for = (key, draws)
         return draws
 

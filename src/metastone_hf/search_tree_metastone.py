@@ -279,15 +279,18 @@ class StepSearch:
                 record()
         if not self._stopped_rows:
             return
-        for i in done.nonzero().flatten().tolist():
-            self._retire(i, False, scores)
-        for i in pruned.nonzero().flatten().tolist():
-            self._retire(i, True, scores)
-        parked_rows = parked.nonzero().flatten()
-        if len(parked_rows):
-            self._park(parked_rows)
+        # One host sync for the bookkeeping of the rows that stopped.
+        columns = [done, pruned, parked, rows.generated, rows.prompt, rows.node, rows.slot]
+        host = list(zip(*torch.stack([c.long() for c in columns]).tolist()))
+        for i, (is_done, is_pruned, _, generated, prompt, node, slot) in enumerate(host):
+            if is_done or is_pruned:
+                self._retire(i, bool(is_pruned), scores, generated, prompt, node, slot)
+        parked_rows = [i for i, row in enumerate(host) if row[2]]
+        if parked_rows:
+            self._park(torch.tensor(parked_rows, device=stopped.device), [host[i] for i in parked_rows])
         if self.remove_stopped_rows:
-            keep = (~stopped).nonzero().flatten()
+            kept = [i for i, row in enumerate(host) if not any(row[:3])]
+            keep = torch.tensor(kept, dtype=torch.long, device=stopped.device)
             self.cache.batch_select_indices(keep)
             self.rows = rows.select(keep)
             self.rule.select(keep)
@@ -295,18 +298,26 @@ class StepSearch:
         else:
             self.alive = self.alive & ~stopped
 
-    def _retire(self, i: int, pruned: bool, scores: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Move row ``i`` to the finished trajectories (with its running score when pruning needs it)."""
+    def _retire(
+        self,
+        i: int,
+        pruned: bool,
+        scores: tuple[torch.Tensor, torch.Tensor] | None,
+        generated: int,
+        prompt: int,
+        node: int,
+        slot: int,
+    ) -> None:
+        """Move row ``i`` (``generated`` tokens, ``prompt``, ``node``, ``slot``, read on the host) to the finished
+        trajectories (with its running score when pruning needs it)."""
         rows = self.rows
-        generated = int(rows.generated[i])
-        prompt, node = int(rows.prompt[i]), int(rows.node[i])
         self.tree[prompt][node].end = self.prompt_length + generated
         self.tree[prompt][node].status = "pruned" if pruned else "completed"
         self.finished.append(
             FinishedTrajectory(
                 prompt=prompt,
                 node=node,
-                order=(self.tree[prompt][node].round, int(rows.slot[i])),
+                order=(self.tree[prompt][node].round, slot),
                 generated=rows.tokens[i, rows.tokens.shape[1] - generated :].clone(),
                 records=rows.records[i],
                 log_score=float(scores[0][i]) if scores is not None else math.nan,
@@ -315,13 +326,15 @@ class StepSearch:
             )
         )
 
-    def _park(self, index: torch.Tensor) -> None:
-        """Take rows that reached a step out of the batch, with their cache, until the round's selection."""
+    def _park(self, index: torch.Tensor, host: list[tuple[int, ...]]) -> None:
+        """Take rows that reached a step out of the batch, with their cache, until the round's selection.
+
+        ``host``: each row's ``(done, pruned, parked, generated, prompt, node, slot)`` read on the host.
+        """
         parked = self.rows.park(index, self.cache, self.rule)
-        for i in range(len(parked)):
-            node = self.tree[int(parked.prompt[i])][int(parked.node[i])]
-            node.end = self.prompt_length + int(parked.generated[i])
-            node.step_score = float(torch.sigmoid(parked.last_logit[i]))
+        for (_, _, _, generated, prompt, node, _), score in zip(host, torch.sigmoid(parked.last_logit).tolist()):
+            self.tree[prompt][node].end = self.prompt_length + generated
+            self.tree[prompt][node].step_score = score
         self.parked.append(parked)
 
     # -------------------------------------------------------------- the strategies' pieces
