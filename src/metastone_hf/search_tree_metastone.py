@@ -545,17 +545,23 @@ class StepSearch:
         """
         if parked is None:
             return None
-        done = self.completed_per_prompt().to(parked.prompt.device) >= self.n
         key = self.running_log_scores(parked)[0] if ranking == "mean" else parked.last_logit
-        key = rankable_scores(key)
+        key = rankable_scores(key).tolist()
+        # One host read of the rows' prompts, groups, slots and nodes; the ranking runs on the host.
+        prompts, groups, slots, nodes = torch.stack([parked.prompt, parked.group, parked.slot, parked.node]).tolist()
+        completed: dict[int, int] = {}
+        for f in self.finished:
+            completed[f.prompt] = completed.get(f.prompt, 0) + 1
+        units: dict[tuple[int, int], list[int]] = {}
+        for i, unit in enumerate(zip(prompts, groups)):
+            units.setdefault(unit, []).append(i)
         keep = []
-        for prompt, group in sorted(set(zip(parked.prompt.tolist(), parked.group.tolist()))):
-            members = ((parked.prompt == prompt) & (parked.group == group)).nonzero().flatten()
-            order = sorted(members.tolist(), key=lambda i: (-float(key[i]), int(parked.slot[i])))
-            chosen = [] if bool(done[prompt]) else order[:width]
+        for (prompt, _), members in sorted(units.items()):
+            order = sorted(members, key=lambda i: (-key[i], slots[i]))
+            chosen = [] if completed.get(prompt, 0) >= self.n else order[:width]
             keep.extend(chosen)
             for i in set(order) - set(chosen):
-                self.tree[prompt][int(parked.node[i])].status = "dropped"
+                self.tree[prompt][nodes[i]].status = "dropped"
         if not keep:
             return None
         return parked.select(torch.tensor(keep, dtype=torch.long, device=parked.prompt.device))
@@ -608,13 +614,15 @@ class StepSearch:
 
 def split_budget(survivors: SearchRows, budget: int) -> torch.Tensor:
     """Children per survivor: each (prompt, group) shares ``budget`` children, the better-ranked first."""
-    fanout = torch.zeros(len(survivors), dtype=torch.long, device=survivors.prompt.device)
-    for prompt, group in set(zip(survivors.prompt.tolist(), survivors.group.tolist())):
-        members = ((survivors.prompt == prompt) & (survivors.group == group)).nonzero().flatten()
+    units: dict[tuple[int, int], list[int]] = {}
+    for i, unit in enumerate(zip(*torch.stack([survivors.prompt, survivors.group]).tolist())):
+        units.setdefault(unit, []).append(i)
+    fanout = [0] * len(survivors)
+    for members in units.values():
         base, extra = divmod(budget, len(members))
-        fanout[members] = base
-        fanout[members[:extra]] += 1
-    return fanout
+        for k, i in enumerate(members):
+            fanout[i] = base + (1 if k < extra else 0)
+    return torch.tensor(fanout, dtype=torch.long, device=survivors.prompt.device)
 
 
 __all__ = ["StepSearch", "split_budget"]
