@@ -285,7 +285,8 @@ def beam_search(
     Every round N rows sample to their next step; rows that finish (EOS, a stop, the length limit) are kept until the
     prompt has N candidates, and the ``N // M`` best of the others (by ``ranking``) survive. The survivors share the
     next round's N children, so each has M of them; when fewer than ``N // M`` are left, the better-ranked ones get
-    the extra children, as search-and-learn repeats its surviving beams up to N.
+    the extra children, as search-and-learn repeats its surviving beams up to N. Rounds are per prompt: a prompt
+    whose rows have all reached their step expands at once, without waiting for the other prompts of the batch.
     """
     config = _config_for(model, search_config, "beam")
     n = config.num_candidates
@@ -310,7 +311,9 @@ def dvts(
     ``prompt ─ N/M subtrees ─M→ steps ─keep 1→ ─M→ steps ─keep 1→ ...`` (N = 8, M = 4: 2 subtrees of 4 children)
 
     Each subtree continues with its best child only (by ``ranking``), which again expands M ways. Finished
-    trajectories are kept until the prompt has N; a subtree ends when all its children have finished.
+    trajectories are kept until the prompt has N; a subtree ends when all its children have finished. Rounds are
+    per subtree: a subtree whose children have all reached their step expands at once, without waiting for the
+    other subtrees, and its children always sample in its own slots (``g * M + j``).
     """
     config = _config_for(model, search_config, "dvts")
     n, m = config.num_candidates, config.beam_width
