@@ -29,7 +29,6 @@ This file is part of the remote-code set copied into saved checkpoints: it impor
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -249,7 +248,9 @@ class RowwiseSampler:
         else:
             # One host sync: each row's prompt, slot and liveness; the rows of each prompt gathered on the host.
             prompts, slots, live = torch.stack([prompt.long(), slot.long(), alive.long()]).tolist()
-            base = [0, *itertools.accumulate(per_prompt)]
+            base = [0] * len(per_prompt)
+            for b in range(1, len(per_prompt)):
+                base[b] = base[b - 1] + per_prompt[b - 1]
             members: dict[int, tuple[list[int], list[int]]] = {}
             for i, (b, s) in enumerate(zip(prompts, slots)):
                 members.setdefault(b, ([], []))
