@@ -115,6 +115,10 @@ class StepSearch:
         ]
         self.finished: list[FinishedTrajectory] = []
         self.parked: list[SearchRows] = []
+        # Host copies of the (prompt, group) of every parked row (one list per part of `parked`) and of the rows
+        # still decoding after the last step in which some row stopped: rounds end without reading the device.
+        self.parked_units: list[list[tuple[int, int]]] = []
+        self._live_units: set[tuple[int, int]] = set()
         # Every prompt owns N sampling slots (prompt b's are b * N + j); a (prompt, group) owns `group_slots` of them
         # (DVTS: subtree g's children always take slots g * M + j), so a row's noise never depends on other rows.
         self.slots_per_prompt = torch.full((self.batch,), num_candidates, dtype=torch.long, device=device)
@@ -225,11 +229,13 @@ class StepSearch:
         def record() -> None:
             steps = candidate.nonzero().flatten()
             step_logits = self.model.sprm_logits_from_features(features[steps]).float()
-            for i, at, logit in zip(steps.tolist(), position[steps].tolist(), step_logits.tolist()):
-                rows.records[i].add(at, logit)
+            # One host read for the rows, positions and logits (float64 holds each of them exactly).
+            host = torch.stack([steps.double(), position[steps].double(), step_logits.double()]).tolist()
+            for i, at, logit in zip(*host):
+                rows.records[int(i)].add(int(at), logit)
             # `counts` is a subset of `candidate`: the rows that count take their new step's logit.
-            counted = counts[steps]
-            rows.last_logit = rows.last_logit.index_put((steps[counted],), step_logits[counted])
+            kept = torch.where(counts[steps], step_logits, rows.last_logit[steps])
+            rows.last_logit = rows.last_logit.index_put((steps,), kept)
 
         if self.pruning.active:  # pruning ranks the running scores, new steps included
             if bool(candidate.any()):
@@ -280,9 +286,10 @@ class StepSearch:
         if not self._stopped_rows:
             return
         # One host sync for the bookkeeping of the rows that stopped.
-        columns = [done, pruned, parked, rows.generated, rows.prompt, rows.node, rows.slot]
+        columns = [done, pruned, parked, rows.generated, rows.prompt, rows.node, rows.slot, rows.group, self.alive]
         host = list(zip(*torch.stack([c.long() for c in columns]).tolist()))
-        for i, (is_done, is_pruned, _, generated, prompt, node, slot) in enumerate(host):
+        self._live_units = {(row[4], row[7]) for row in host if row[8] and not any(row[:3])}
+        for i, (is_done, is_pruned, _, generated, prompt, node, slot, _, _) in enumerate(host):
             if is_done or is_pruned:
                 self._retire(i, bool(is_pruned), scores, generated, prompt, node, slot)
         parked_rows = [i for i, row in enumerate(host) if row[2]]
@@ -329,10 +336,11 @@ class StepSearch:
     def _park(self, index: torch.Tensor, host: list[tuple[int, ...]]) -> None:
         """Take rows that reached a step out of the batch, with their cache, until the round's selection.
 
-        ``host``: each row's ``(done, pruned, parked, generated, prompt, node, slot)`` read on the host.
+        ``host``: each row's ``(done, pruned, parked, generated, prompt, node, slot, group, alive)`` read on the host.
         """
         parked = self.rows.park(index, self.cache, self.rule)
-        for (_, _, _, generated, prompt, node, _), score in zip(host, torch.sigmoid(parked.last_logit).tolist()):
+        self.parked_units.append([(row[4], row[7]) for row in host])
+        for (_, _, _, generated, prompt, node, _, _, _), score in zip(host, torch.sigmoid(parked.last_logit).tolist()):
             self.tree[prompt][node].end = self.prompt_length + generated
             self.tree[prompt][node].step_score = score
         self.parked.append(parked)
@@ -426,9 +434,10 @@ class StepSearch:
             if at_steps and self.parked and (self._stopped_rows or not len(self.rows)):
                 survivors = self.keep_best(self._take_ready(), width, ranking)
             if self._stopped_rows or not len(self.rows):
-                present = set(self.rows.prompt[self.alive].tolist())
-                for part in [*self.parked, *([survivors] if survivors is not None else [])]:
-                    present.update(part.prompt.tolist())
+                present = {prompt for prompt, _ in self._live_units} if len(self.rows) else set()
+                present.update(prompt for units in self.parked_units for prompt, _ in units)
+                if survivors is not None:
+                    present.update(survivors.prompt.tolist())
                 for prompt in sorted(active - present):
                     active.discard(prompt)
                     yield prompt
@@ -455,20 +464,23 @@ class StepSearch:
 
     def _take_ready(self) -> SearchRows | None:
         """The parked rows of every (prompt, group) that has no row decoding any more, taken out of ``parked``."""
-        rows = self.rows
-        live = set(zip(rows.prompt.tolist(), rows.group.tolist())) if len(rows) else set()
-        ready, waiting = [], []
-        for part in self.parked:
-            is_ready = [unit not in live for unit in zip(part.prompt.tolist(), part.group.tolist())]
+        # Read on the host: the units still decoding (as of the last step in which a row stopped, which is the step
+        # that calls this) and the parked rows' units, kept since they were parked.
+        live = self._live_units if len(self.rows) else set()
+        ready, waiting, waiting_units = [], [], []
+        for part, units in zip(self.parked, self.parked_units, strict=True):
+            is_ready = [unit not in live for unit in units]
             if all(is_ready):
                 ready.append(part)
             elif not any(is_ready):
                 waiting.append(part)
+                waiting_units.append(units)
             else:
                 device = part.prompt.device
                 ready.append(part.select(torch.tensor([i for i, r in enumerate(is_ready) if r], device=device)))
                 waiting.append(part.select(torch.tensor([i for i, r in enumerate(is_ready) if not r], device=device)))
-        self.parked = waiting
+                waiting_units.append([unit for unit, r in zip(units, is_ready) if not r])
+        self.parked, self.parked_units = waiting, waiting_units
         return SearchRows.merge(ready) if ready else None
 
     def _admit(
