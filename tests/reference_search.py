@@ -8,9 +8,12 @@ of the engine's machinery: no batch, no KV cache, no parking or merging of rows,
   (batch of 1, no cache) and applies transformers' logits processors built by transformers for that prompt alone.
 * Steps are found from scratch with the slow mask of ``reference.py`` on the row so far; a step's score is the head
   on the feature layer of that full forward, one position before the step token.
-* Samples follow the documented sampling contract: each decoding step of a round draws one ``Exp(1)`` variate per
-  vocabulary entry for every slot of the round from the prompt's own generator, and a row takes
-  ``argmax(p / q[slot])``, which is a ``torch.multinomial`` draw from ``p``.
+* Rounds are per unit (the prompt for beam search, each subtree for DVTS): a unit whose rows have all stopped is
+  ranked and expanded in the next decoding step while other units' rows go on decoding.
+* Samples follow the documented sampling contract: each decoding step in which the prompt has a row decoding draws
+  one ``Exp(1)`` variate per vocabulary entry for each of the prompt's N slots from the prompt's own generator (a
+  unit owns slots ``unit * budget + j``), and a row takes ``argmax(p / q[slot])``, which is a ``torch.multinomial``
+  draw from ``p``.
 """
 
 from __future__ import annotations
@@ -128,63 +131,67 @@ def reference_step_search(
     finished: list[_Row] = []
     distributions: dict[tuple[int, int], torch.Tensor] = {}
     draw = 0
-    # Round 1: the prompt's N children (DVTS: child j starts subtree j // M).
-    expansions = [(_Row(list(prompt), 0, 0, 0, 0), n)]
-    round_ = 0
-    while expansions:
-        round_ += 1
-        rows = []
-        for parent, fanout in expansions:
-            for _ in range(fanout):
-                slot = len(rows)
-                group = slot // m if search == "dvts" and round_ == 1 else parent.group
-                nodes.append(ReferenceNode(parent.node, round_, group, parent.generated, parent.generated))
-                rows.append(_Row(list(parent.tokens), parent.generated, len(nodes) - 1, slot, group))
-        if round_ > 1:
-            for parent, _ in expansions:
-                nodes[parent.node].status = "expanded"
-        live, at_step = list(rows), []
-        while live:
-            noise = torch.empty((len(rows), model.config.get_text_config().vocab_size))
-            noise.exponential_(1, generator=generator)
-            still = []
-            for row in live:
-                logits, _ = reference_forward(model, row.tokens)
-                processed = processors(torch.tensor([row.tokens]), logits[None].clone())[0]
-                probs = torch.softmax(processed, dim=-1)
-                distributions[(draw, row.slot)] = probs.log()
-                token = int((probs / noise[row.slot]).argmax())
-                row.tokens.append(token)
-                row.generated += 1
-                nodes[row.node].last = row.generated
-                if token in eos or row.generated >= max_new_tokens:
-                    finished.append(row)
-                elif _ends_at_a_step(model, row.tokens):
-                    at_step.append(row)
-                else:
-                    still.append(row)
-            live = still
-            draw += 1
-        for row in at_step:
-            nodes[row.node].step_score = 1.0 / (1.0 + math.exp(-_step_logits(model, row.tokens)[-1]))
-            nodes[row.node].status = "dropped"
-        if len(finished) >= n or not at_step:
+    vocab = model.config.get_text_config().vocab_size
+    # Rounds are per unit: the prompt for beam search, each subtree for DVTS (child j of the root starts subtree
+    # j // M). A unit whose rows have all stopped is ranked and expanded in the prompt's next decoding step, while
+    # the other units' rows keep decoding. A unit owns the slots `unit * budget + j` of the prompt's N.
+    budget, width = (n, n // m) if search == "beam" else (m, 1)
+    root = _Row(list(prompt), 0, 0, 0, 0)
+    pending = [(0, [(root, n)])] if search == "beam" else [(g, [(root, m)]) for g in range(n // m)]
+    rounds: dict[int, int] = {}
+    live: dict[int, list[_Row]] = {}
+    at_step: dict[int, list[_Row]] = {}
+
+    def key(row: _Row) -> float:
+        logits = _step_logits(model, row.tokens)
+        return sum(_log_sigmoid(z) for z in logits) / len(logits) if ranking == "mean" else logits[-1]
+
+    while True:
+        for unit, expansions in pending:
+            rounds[unit] = rounds.get(unit, 0) + 1
+            j = 0
+            for parent, fanout in expansions:
+                if rounds[unit] > 1:
+                    nodes[parent.node].status = "expanded"
+                for _ in range(fanout):
+                    nodes.append(ReferenceNode(parent.node, rounds[unit], unit, parent.generated, parent.generated))
+                    row = _Row(list(parent.tokens), parent.generated, len(nodes) - 1, unit * budget + j, unit)
+                    live.setdefault(unit, []).append(row)
+                    j += 1
+        pending = []
+        decoding = sorted((row for rows in live.values() for row in rows), key=lambda row: row.slot)
+        if not decoding:
             break
-
-        def key(row: _Row) -> float:
-            logits = _step_logits(model, row.tokens)
-            return sum(_log_sigmoid(z) for z in logits) / len(logits) if ranking == "mean" else logits[-1]
-
-        if search == "beam":
-            ranked = sorted(at_step, key=lambda r: (-key(r), r.slot))
-            kept = ranked[: n // m]
-            base, extra = divmod(n, len(kept))
-            expansions = [(row, base + (1 if i < extra else 0)) for i, row in enumerate(kept)]
-        else:
-            expansions = []
-            for group in sorted({row.group for row in at_step}):
-                best = min((r for r in at_step if r.group == group), key=lambda r: (-key(r), r.slot))
-                expansions.append((best, m))
+        noise = torch.empty((n, vocab)).exponential_(1, generator=generator)
+        live = {}
+        for row in decoding:
+            logits, _ = reference_forward(model, row.tokens)
+            processed = processors(torch.tensor([row.tokens]), logits[None].clone())[0]
+            probs = torch.softmax(processed, dim=-1)
+            distributions[(draw, row.slot)] = probs.log()
+            token = int((probs / noise[row.slot]).argmax())
+            row.tokens.append(token)
+            row.generated += 1
+            nodes[row.node].last = row.generated
+            if token in eos or row.generated >= max_new_tokens:
+                finished.append(row)
+            elif _ends_at_a_step(model, row.tokens):
+                at_step.setdefault(row.group, []).append(row)
+            else:
+                live.setdefault(row.group, []).append(row)
+        draw += 1
+        for unit in sorted(at_step):
+            if live.get(unit):
+                continue  # the unit's round goes on
+            stopped = at_step.pop(unit)
+            for row in stopped:
+                nodes[row.node].step_score = 1.0 / (1.0 + math.exp(-_step_logits(model, row.tokens)[-1]))
+                nodes[row.node].status = "dropped"
+            if len(finished) >= n:
+                continue
+            kept = sorted(stopped, key=lambda r: (-key(r), r.slot))[:width]
+            base, extra = divmod(budget, len(kept))
+            pending.append((unit, [(row, base + (1 if i < extra else 0)) for i, row in enumerate(kept)]))
 
     order = sorted(finished, key=lambda row: (nodes[row.node].round, row.slot))
     if len(order) < n:

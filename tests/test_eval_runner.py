@@ -35,7 +35,7 @@ from metastone_hf.tiny import save_tiny_checkpoint, tiny_metastone
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["one plus one", "two plus two", "three plus one", "five minus two", "two times three", "six minus one"]
 # Per-run bookkeeping that legitimately differs between runs of the same evaluation.
-RUN_FIELDS = ("seconds", "peak_memory_bytes", "rank", "world_size", "run_id")
+RUN_FIELDS = ("seconds", "decode", "peak_memory_bytes", "rank", "world_size", "run_id")
 
 
 @pytest.fixture(scope="module")

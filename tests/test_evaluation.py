@@ -160,7 +160,9 @@ def test_default_eval_samples_with_the_paper_protocol(recorded_generate):
     model, tokenizer, calls = recorded_generate
     assert max(model.config.reasoning_effort_presets.values()) == 32
     records = run_best_of_n_eval(model, tokenizer, EXAMPLES, grader=never_right, progress_bar=False)
-    assert len(calls) == 2 and all(call["do_sample"] for call in calls)
+    # One continuous stream over both questions, one question (32 rows) in flight at a time.
+    assert len(calls) == 1 and all(call["do_sample"] for call in calls)
+    assert calls[0]["max_active_rows"] == 32 and calls[0]["stream"]
     assert {sampling(call) for call in calls} == {(0.6, 0.95, 0, 1.05, 32768, 32)}
     assert records.correct.shape == (2, 32)
     assert records.protocol == {

@@ -1,6 +1,8 @@
 """Running an evaluation: questions through ``generate`` with every search strategy, over processes, resumable.
 
-:func:`question_records` samples a list of questions in batches and yields one JSON-ready record per question:
+:func:`question_records` samples a list of questions with continuous batching (``batch_size`` questions in flight;
+the next one is admitted into the running decode the moment one finishes) and yields one JSON-ready record per
+question:
 for Best-of-N the ``M`` candidates every N is computed from (the official K-groups-of-N metric), for beam search and
 DVTS one search per N, each with its candidates' texts, SPRM scores, step scores, answers, correctness and tokens.
 :func:`run_evaluation` spreads the questions over the processes of an ``accelerate launch`` and keeps every finished
@@ -127,7 +129,9 @@ def run_settings(
 
     The device is not one of them: a run preempted on one machine may resume on another. A run with a step search
     records what ``beam_width`` means (``beam_width_meaning``): a run written when beam search kept M beams (rather
-    than N/M beams of M children) lacks it, so resuming it is refused instead of mixing two different searches.
+    than N/M beams of M children) lacks it, so resuming it is refused instead of mixing two different searches;
+    likewise a DVTS run records ``dvts_rounds`` (rounds per subtree, which sample differently from the older
+    rounds per batch).
     """
     from .generation_metastone import BEAM_WIDTH_MEANING
 
@@ -141,6 +145,9 @@ def run_settings(
         "searches": list(plan.searches),
         "beam_width": plan.beam_width,
         **({"beam_width_meaning": BEAM_WIDTH_MEANING} if step_search else {}),
+        # DVTS samples differently since its rounds are per subtree (fixed slots per subtree): an older DVTS run
+        # lacks this and is not resumed with these samples.
+        **({"dvts_rounds": "per_subtree"} if "dvts" in plan.searches else {}),
         "seed": plan.seed,
         "prompt_template": prompt_template,
     }
@@ -197,6 +204,12 @@ def question_records(
     ``step_scores``, ``answers``, ``correct``, ``tokens``, the ``chosen`` index and ``tokens_generated`` (all
     branches). With the default ``grader``, a gold answer math-verify cannot parse is recorded as
     ``gold_parsed: false`` and graded wrong (never compared as raw text); another ``grader`` judges every gold itself.
+
+    ``batch_size`` questions are in flight per strategy (capacity: ``batch_size`` x the rows of one question); the
+    next question joins the running decode the moment one finishes (``generate(max_active_rows=..., stream=True)``).
+    Each record also holds ``decode``: its share of the decode steps (backbone forwards) and of the rows they
+    decoded since the previous record, and the capacity, from which the mean occupancy (rows per decode step /
+    capacity) follows.
     """
     from tqdm.auto import tqdm
 
@@ -206,65 +219,125 @@ def question_records(
     settings = plan.protocol
     batch_size = batch_size or default_batch_size(plan.samples)
     runs = plan.runs()
+    window = len(indices) if len(runs) == 1 else batch_size * WINDOW_BATCHES
     bar = tqdm(total=len(indices), desc="eval", unit="question", disable=not progress_bar, dynamic_ncols=True)
     started, generated_total = time.perf_counter(), 0
-    for start in range(0, len(indices), batch_size):
-        batch = list(indices[start : start + batch_size])
-        batch_started = time.perf_counter()
-        inputs = tokenizer(
-            [prompt_builder(examples[i].prompt) for i in batch],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        inputs = {k: v.to(execution_device(model)) for k, v in inputs.items()}
-        prompt_length = inputs["input_ids"].shape[1]
-        # math-verify must parse a gold answer for the default grader; a grader of the caller's judges every gold.
-        golds = [grader is not grade_answer or parse_gold(examples[i].answer) is not None for i in batch]
-        seeds = [question_seed(plan.seed, i) for i in batch]
-        results: list[dict[str, Any]] = [{} for _ in batch]
-        for key, search, n in runs:
-            options: dict[str, Any] = {"search": search}
-            if search != "best_of_n" and plan.beam_width is not None:
-                options["beam_width"] = plan.beam_width
-            out = model.generate(
-                **inputs,
-                num_candidates=n,
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                repetition_penalty=settings.repetition_penalty,
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                seed=seeds,
-                progress_bar=False,
-                **options,
-                **(generate_kwargs or {}),
+    counter = DecodeSteps(model)
+    last_time, last_steps, last_rows = started, 0, 0
+    try:
+        for start in range(0, len(indices), max(window, 1)):
+            chunk = list(indices[start : start + window])
+            inputs = tokenizer(
+                [prompt_builder(examples[i].prompt) for i in chunk],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
             )
-            spent = _tokens_per_prompt(out)
-            for b, i in enumerate(batch):
-                gold = examples[i].answer
-                result = _candidates(
-                    out, b, prompt_length, tokenizer, extractor, lambda t, g=gold, ok=golds[b]: ok and grader(t, g)
+            inputs = {k: v.to(execution_device(model)) for k, v in inputs.items()}
+            prompt_length = inputs["input_ids"].shape[1]
+            # math-verify must parse a gold answer for the default grader; a grader of the caller's judges every gold.
+            golds = [grader is not grade_answer or parse_gold(examples[i].answer) is not None for i in chunk]
+            seeds = [question_seed(plan.seed, i) for i in chunk]
+            results: list[dict[str, Any]] = [{} for _ in chunk]
+            runs_left = [len(runs)] * len(chunk)
+            emitted = 0
+            for key, search, n in runs:
+                options: dict[str, Any] = {"search": search}
+                if search != "best_of_n" and plan.beam_width is not None:
+                    options["beam_width"] = plan.beam_width
+                capacity = batch_size * n
+                counter.capacity = capacity
+                finished = model.generate(
+                    **inputs,
+                    num_candidates=n,
+                    do_sample=True,
+                    temperature=settings.temperature,
+                    top_p=settings.top_p,
+                    top_k=settings.top_k,
+                    repetition_penalty=settings.repetition_penalty,
+                    max_new_tokens=settings.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    seed=seeds,
+                    progress_bar=False,
+                    max_active_rows=capacity,
+                    stream=True,
+                    **options,
+                    **(generate_kwargs or {}),
                 )
-                results[b][key] = {"search": search, "n": n, **result, "tokens_generated": spent[b]}
-                generated_total += spent[b]
-        seconds = (time.perf_counter() - batch_started) / len(batch)
-        for b, i in enumerate(batch):
-            yield {
-                "index": i,
-                "id": examples[i].id,
-                "gold": examples[i].answer,
-                "gold_parsed": golds[b],
-                "results": results[b],
-                "seconds": seconds,
-                "peak_memory_bytes": _peak_memory_bytes(execution_device(model)),
-            }
-        bar.update(len(batch))
-        elapsed = time.perf_counter() - started
-        bar.set_postfix_str(f"{generated_total / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
-    bar.close()
+                for b, out in finished:
+                    gold = examples[chunk[b]].answer
+                    result = _candidates(
+                        out, 0, prompt_length, tokenizer, extractor, lambda t, g=gold, ok=golds[b]: ok and grader(t, g)
+                    )
+                    spent = _tokens_per_prompt(out)[0]
+                    results[b][key] = {"search": search, "n": n, **result, "tokens_generated": spent}
+                    generated_total += spent
+                    runs_left[b] -= 1
+                    # Records leave in question order, each as soon as it and every earlier one are complete; each
+                    # takes its share of the wall time and decode steps since the previous one left.
+                    ready = emitted
+                    while ready < len(chunk) and runs_left[ready] == 0:
+                        ready += 1
+                    if ready == emitted:
+                        continue
+                    now = time.perf_counter()
+                    share = 1 / (ready - emitted)
+                    steps, rows = counter.steps - last_steps, counter.rows - last_rows
+                    for c in range(emitted, ready):
+                        yield {
+                            "index": chunk[c],
+                            "id": examples[chunk[c]].id,
+                            "gold": examples[chunk[c]].answer,
+                            "gold_parsed": golds[c],
+                            "results": results[c],
+                            "seconds": (now - last_time) * share,
+                            "decode": {"steps": steps * share, "rows": rows * share, "capacity": capacity},
+                            "peak_memory_bytes": _peak_memory_bytes(execution_device(model)),
+                        }
+                        results[c] = {}
+                    bar.update(ready - emitted)
+                    emitted, last_time, last_steps, last_rows = ready, now, counter.steps, counter.rows
+                    elapsed = now - started
+                    bar.set_postfix_str(
+                        f"{generated_total / max(elapsed, 1e-9):,.0f} tok/s, occupancy {counter.occupancy():.2f}",
+                        refresh=False,
+                    )
+    finally:
+        counter.close()
+        bar.close()
+
+
+WINDOW_BATCHES = 16
+"""With several strategies or budgets per question, questions go through each of them in windows of this many
+batches (each a continuous stream), and a window's records leave when its last strategy has finished them."""
+
+
+class DecodeSteps:
+    """Counts the backbone forwards that decode one token per row, the rows they hold, against a capacity."""
+
+    def __init__(self, model: Any):
+        self.steps = self.rows = 0
+        self.capacity_rows = 0  # sum over decode steps of the capacity they ran with
+        self.capacity = 1
+        backbone = getattr(model, "model", None)
+        self.handle = backbone.register_forward_hook(self._hook, with_kwargs=True) if backbone is not None else None
+
+    def _hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is not None and ids.shape[1] == 1:
+            self.steps += 1
+            self.rows += ids.shape[0]
+            self.capacity_rows += self.capacity
+
+    def occupancy(self) -> float:
+        """Mean rows per decode step / capacity."""
+        return self.rows / self.capacity_rows if self.capacity_rows else float("nan")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def run_best_of_n_eval(
@@ -308,7 +381,7 @@ def run_best_of_n_eval(
             ``{question}``; ignored when ``prompt_builder`` is given.
         answer_extractor: completion -> canonical answer for voting; default: the Best-of-N default (``\\boxed``
             via math-verify).
-        batch_size: questions per generate call; default: about :data:`ROWS_PER_CALL` rows per call. Question ``i``
+        batch_size: questions in flight (continuous batching); default: about :data:`ROWS_PER_CALL` rows. Question ``i``
             samples from a generator of its own (``question_seed(seed, i)``): the records do not depend on it.
         generate_kwargs: any other ``generate`` argument (``min_p``, ``stop_strings``, ...).
     """

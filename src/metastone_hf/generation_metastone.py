@@ -46,7 +46,7 @@ from .pruning_metastone import Pruning
 from .sampling_metastone import check_prompt_seeds
 from .scoring_metastone import check_token_batch, eval_mode, execution_device
 from .search_output_metastone import SearchOutput
-from .search_tree_metastone import StepSearch, split_budget
+from .search_tree_metastone import StepSearch
 from .selection_metastone import AnswerExtractor, SelectionStrategy, resolve_selection
 
 SEARCHES = ("best_of_n", "beam", "dvts")
@@ -130,6 +130,13 @@ class SearchConfig:
             after ``torch.manual_seed(seed)``. A list of one int per prompt gives every prompt a generator of its
             own: a prompt's candidates are then those of a call with that prompt alone and its seed, whichever
             prompts share the batch (what an evaluation that batches questions needs).
+        max_active_rows: continuous batching: at most this many rows (N per prompt) in flight. Prompts are admitted
+            in order as room frees: the moment a prompt's candidates have all finished, the next prompt is
+            prefilled and its rows join the running decode. ``None`` (default): every prompt at once. Parked rows
+            (beam search, DVTS) count against it, so the KV cache holds at most this many rows.
+        stream: return an iterator of ``(prompt index, SearchOutput of that prompt alone)``, yielded as each prompt
+            finishes (in any order), instead of one output for the batch. With per-prompt seeds, each is exactly
+            what a call with that prompt alone returns (up to its left padding).
     """
 
     search: str = "best_of_n"
@@ -145,6 +152,8 @@ class SearchConfig:
     remove_stopped_rows: bool = True
     progress_bar: bool = False
     seed: int | Sequence[int] | None = None
+    max_active_rows: int | None = None
+    stream: bool = False
 
     def resolved(self, presets: dict[str, int]) -> SearchConfig:
         """This config checked, with N (``num_candidates``) and M (``beam_width``) filled in.
@@ -159,6 +168,11 @@ class SearchConfig:
             effort = "medium"
         n = resolve_num_candidates(presets, effort, self.num_candidates)
         resolve_selection(self.selection)
+        rows = self.max_active_rows
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"`max_active_rows` must be an int >= 1 or None, got {rows!r}.")
+        if rows is not None and not self.remove_stopped_rows:
+            raise ValueError("`max_active_rows` admits prompts into freed rows: it needs `remove_stopped_rows=True`.")
         width = self.beam_width
         if self.search == "best_of_n":
             if width is not None:
@@ -213,6 +227,21 @@ def _engine(
     )  # fmt: skip
 
 
+def _outputs(
+    search: StepSearch, finished: Iterator[int], name: str, config: SearchConfig, tokenizer: Any | None
+) -> SearchOutput | Iterator[tuple[int, SearchOutput]]:
+    """The search's output once every prompt has finished; with ``config.stream``, an iterator over the prompts
+    instead, yielding ``(prompt index, that prompt's SearchOutput)`` as each one finishes."""
+    if config.stream:
+        return (
+            (prompt, search.output_for(prompt, name, config.selection, config.answer_extractor, tokenizer))
+            for prompt in finished
+        )
+    for _ in finished:
+        pass
+    return search.finish(name, config.selection, config.answer_extractor, tokenizer)
+
+
 # --------------------------------------------------------------------------------------------------
 # The strategies: each is transformers' `custom_generate` decoding method
 # --------------------------------------------------------------------------------------------------
@@ -236,9 +265,7 @@ def best_of_n(
     config = _config_for(model, search_config, "best_of_n")
     search = _engine(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, config)
     search.pruning = Pruning(config.prune_threshold, config.prune_top_k, config.prune_min_steps)
-    search.expand(torch.full((search.batch,), config.num_candidates, device=input_ids.device))
-    search.decode()
-    return search.finish("best_of_n", config.selection, config.answer_extractor, answer_tokenizer)
+    return _outputs(search, search.run(capacity=config.max_active_rows), "best_of_n", config, answer_tokenizer)
 
 
 def beam_search(
@@ -258,17 +285,15 @@ def beam_search(
     Every round N rows sample to their next step; rows that finish (EOS, a stop, the length limit) are kept until the
     prompt has N candidates, and the ``N // M`` best of the others (by ``ranking``) survive. The survivors share the
     next round's N children, so each has M of them; when fewer than ``N // M`` are left, the better-ranked ones get
-    the extra children, as search-and-learn repeats its surviving beams up to N.
+    the extra children, as search-and-learn repeats its surviving beams up to N. Rounds are per prompt: a prompt
+    whose rows have all reached their step expands at once, without waiting for the other prompts of the batch.
     """
     config = _config_for(model, search_config, "beam")
     n = config.num_candidates
     search = _engine(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, config)
     beams_kept = n // config.beam_width
-    search.expand(torch.full((search.batch,), n, device=input_ids.device), at_steps=True)
-    while (survivors := search.keep_best(search.decode(at_steps=True), beams_kept, config.ranking)) is not None:
-        search.resume(survivors)
-        search.expand(split_budget(survivors, n), at_steps=True)
-    return search.finish("beam", config.selection, config.answer_extractor, answer_tokenizer)
+    rounds = search.run(True, beams_kept, n, config.ranking, capacity=config.max_active_rows)
+    return _outputs(search, rounds, "beam", config, answer_tokenizer)
 
 
 def dvts(
@@ -286,19 +311,17 @@ def dvts(
     ``prompt ─ N/M subtrees ─M→ steps ─keep 1→ ─M→ steps ─keep 1→ ...`` (N = 8, M = 4: 2 subtrees of 4 children)
 
     Each subtree continues with its best child only (by ``ranking``), which again expands M ways. Finished
-    trajectories are kept until the prompt has N; a subtree ends when all its children have finished.
+    trajectories are kept until the prompt has N; a subtree ends when all its children have finished. Rounds are
+    per subtree: a subtree whose children have all reached their step expands at once, without waiting for the
+    other subtrees, and its children always sample in its own slots (``g * M + j``).
     """
     config = _config_for(model, search_config, "dvts")
     n, m = config.num_candidates, config.beam_width
     search = _engine(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, config)
     subtree = torch.arange(n, device=input_ids.device) // m
-    search.expand(
-        torch.full((search.batch,), n, device=input_ids.device), groups=subtree.repeat(search.batch), at_steps=True
-    )
-    while (survivors := search.keep_best(search.decode(at_steps=True), 1, config.ranking)) is not None:
-        search.resume(survivors)
-        search.expand(split_budget(survivors, m), at_steps=True)
-    return search.finish("dvts", config.selection, config.answer_extractor, answer_tokenizer)
+    search.group_slots = m  # subtree g's children always sample in slots g * M .. g * M + M - 1
+    rounds = search.run(True, 1, m, config.ranking, first_groups=subtree, capacity=config.max_active_rows)
+    return _outputs(search, rounds, "dvts", config, answer_tokenizer)
 
 
 SEARCH_STRATEGIES: dict[str, Callable[..., SearchOutput]] = {"best_of_n": best_of_n, "beam": beam_search, "dvts": dvts}
@@ -336,7 +359,9 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 @torch.no_grad()
-def search_generate(model: Any, *args: Any, search_config: SearchConfig | None = None, **kwargs: Any) -> SearchOutput:
+def search_generate(
+    model: Any, *args: Any, search_config: SearchConfig | None = None, **kwargs: Any
+) -> SearchOutput | Iterator[tuple[int, SearchOutput]]:
     """Sample N candidates per prompt with a search strategy, score every step online with the SPRM head, pick one.
 
     The search settings are the fields of [`SearchConfig`] (``search``, ``num_candidates`` / ``reasoning_effort``,
@@ -416,7 +441,7 @@ def search_generate(model: Any, *args: Any, search_config: SearchConfig | None =
     global_seed = None if check_prompt_seeds(config.seed, input_ids.shape[0]) is not None else config.seed
     device = execution_device(model)
     with eval_mode(model), _seeded(global_seed, device):
-        return GenerationMixin.generate(
+        result = GenerationMixin.generate(
             model,
             input_ids.to(device),
             custom_generate=SEARCH_STRATEGIES[config.search],
@@ -425,6 +450,13 @@ def search_generate(model: Any, *args: Any, search_config: SearchConfig | None =
             **arguments,
             **extra,
         )
+    return _streamed(model, result, global_seed) if config.stream else result
+
+
+def _streamed(model: Any, outputs: Iterator[Any], seed: int | None) -> Iterator[Any]:
+    """Iterate a streaming search as ``generate`` runs one: without gradients, in eval mode, under its seed."""
+    with torch.no_grad(), eval_mode(model), _seeded(seed, execution_device(model)):
+        yield from outputs
 
 
 __all__ = [

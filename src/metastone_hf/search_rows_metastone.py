@@ -79,6 +79,16 @@ class SearchRows:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @staticmethod
+    def empty(prompt_ids: torch.Tensor, rule: Any) -> SearchRows:
+        """No rows (before any prompt is admitted), with the dtypes and devices of the prompts and the rule's state."""
+        none = torch.zeros(0, dtype=torch.long, device=prompt_ids.device)
+        return SearchRows(
+            tokens=prompt_ids[:0], mask=prompt_ids[:0].long(), prompt=none, group=none, node=none, slot=none,
+            generated=none, offset=none, last_logit=torch.zeros(0, device=prompt_ids.device),
+            previous=rule.previous[:0], seen_end=rule.seen_end[:0], records=[],
+        )  # fmt: skip
+
     def select(self, index: torch.Tensor) -> SearchRows:
         """Rows ``index`` (repeats allowed); a repeated row's records are copied, not shared."""
         picked = {name: getattr(self, name)[index] for name in _ROW_TENSORS}

@@ -12,9 +12,11 @@ written with its pieces:
   token: that forward captures the feature layer at the kept position (``return_sprm_logits=False``), and the head
   then runs on those features only for the rows whose sampled token is a step token. Nothing is re-run and no
   hidden state outlives the step.
-* **Select and expand.** At a step boundary the best beams of each group survive (ranked by their running
-  geometric-mean score, or by their last step's score); each survivor's last token is fed once and its cache
-  repeated for its children, so nothing already decoded is processed again.
+* **Select and expand, per prompt and group.** The moment every row of a (prompt, group) has stopped (beam search:
+  the prompt; DVTS: the subtree), its best beams survive (ranked by their running geometric-mean score, or by their
+  last step's score) and join the running batch in its next decode step: no row waits for another prompt's or
+  subtree's rows. Each survivor's last token is fed once and its cache repeated for its children, so nothing
+  already decoded is processed again.
 
 Rows sample through [`RowwiseSampler`] (``sampling_metastone.py``); parked rows and their caches are kept by
 [`SearchRows`] (``search_rows_metastone.py``); pruning is [`Pruning`]'s; the output is assembled by
@@ -26,8 +28,9 @@ and its sibling sampling, scoring, selection, rows, pruning and output files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +52,8 @@ class StepSearch:
 
     The pieces every strategy is written with: [`expand`] (feed each row's last token once, then sample the first
     token of each of its children), [`decode`] (until every row has finished or reached its next step),
-    [`keep_best`] (the survivors of each group), [`resume`] (put parked survivors back into the batch) and
+    [`search_rounds`] (the rounds of beam search and DVTS, per prompt and group: [`keep_best`] picks the survivors
+    of a (prompt, group) whose rows have all stopped, and they are expanded within the running batch) and
     [`finish`] (final scores, selection, the output).
 
     Args:
@@ -113,27 +117,36 @@ class StepSearch:
         ]
         self.finished: list[FinishedTrajectory] = []
         self.parked: list[SearchRows] = []
-        self.round = 0
-        self.num_slots = self.batch
-        self.slots_per_prompt = torch.ones(self.batch, dtype=torch.long, device=device)
+        # Host copies of the (prompt, group) of every parked row (one list per part of `parked`) and of the rows
+        # still decoding after the last step in which some row stopped: rounds end without reading the device.
+        self.parked_units: list[list[tuple[int, int]]] = []
+        self._live_units: set[tuple[int, int]] = set()
+        # Every prompt owns N sampling slots (prompt b's are b * N + j); a (prompt, group) owns `group_slots` of them
+        # (DVTS: subtree g's children always take slots g * M + j), so a row's noise never depends on other rows.
+        self.slots_per_prompt = torch.full((self.batch,), num_candidates, dtype=torch.long, device=device)
+        self.group_slots = num_candidates
+        self.rounds: dict[tuple[int, int], int] = {}  # expansions so far of each (prompt, group)
+        self._stopped_rows = False  # a row left the batch in the last step (a round may have ended)
+        self.decode_steps = 0  # tokens given to every live row so far (one per decode step)
         self.alive = torch.ones(self.batch, dtype=torch.bool, device=device)
         self.tokens_generated = 0
         self.tokens_processed = 0
         self.pruning = Pruning()
         self.progress = tqdm(desc="search", unit="tok", leave=False) if progress_bar else None
         self.cache = cache if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0 else None
-        self.rows = self._prefill()
+        self.prompt_rule_state = (self.rule.previous, self.rule.seen_end)
+        self.rows = SearchRows.empty(input_ids, self.rule)
+        self.alive = self.alive[:0]
+        self.admitted = 0  # prompts 0 .. admitted - 1 have been prefilled
 
     # -------------------------------------------------------------- prompts
-    def _prefill(self) -> SearchRows:
-        """Run the prompts once (all but their last token) and score the step tokens they already hold."""
-        ids, mask = self.prompt_ids, self.prompt_mask
+    def _prefill(self, prompts: torch.Tensor, cache: DynamicCache) -> SearchRows:
+        """Run prompts ``prompts`` once (all but their last token) into ``cache``; score the step tokens they hold."""
+        ids, mask = self.prompt_ids[prompts], self.prompt_mask[prompts]
         batch, length = ids.shape
         device = ids.device
         records = [StepRecords() for _ in range(batch)]
         last_logit = torch.full((batch,), float("nan"), device=device)
-        if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         if length > 1:
             position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             with self.model.capture_sprm_features() as captured:
@@ -142,7 +155,7 @@ class StepSearch:
                     input_ids=ids[:, :-1],
                     attention_mask=mask[:, :-1] if self.prompt_has_padding else None,
                     position_ids=position_ids[:, :-1],
-                    cache=self.cache,
+                    cache=cache,
                     use_cache=True,
                     **self.forward_kwargs,
                 )
@@ -160,10 +173,11 @@ class StepSearch:
             last_logit = torch.where(last >= 0, counted_logits.gather(1, last.clamp(min=0)[:, None])[:, 0], last_logit)
             del captured
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        previous, seen_end = self.prompt_rule_state
         return SearchRows(
-            tokens=ids, mask=mask, prompt=torch.arange(batch, device=device), group=zeros, node=zeros.clone(),
-            slot=torch.arange(batch, device=device), generated=zeros.clone(), offset=zeros.clone(),
-            last_logit=last_logit, previous=self.rule.previous, seen_end=self.rule.seen_end,
+            tokens=ids, mask=mask, prompt=prompts.clone(), group=zeros, node=zeros.clone(),
+            slot=prompts * self.n, generated=zeros.clone(), offset=zeros.clone(),
+            last_logit=last_logit, previous=previous[prompts], seen_end=seen_end[prompts],
             records=records,
         )  # fmt: skip
 
@@ -194,7 +208,9 @@ class StepSearch:
     def _sample(self, logits: torch.Tensor, features: torch.Tensor, at_steps: bool) -> None:
         """Sample one token per row, score the new steps, retire or park the rows that stop."""
         rows = self.rows
-        processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive)
+        # Every live row takes one token per step: the sampler groups rows by length once per set of rows.
+        step = self.decode_steps if self.remove_stopped_rows else None
+        processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive, step)
         probs = F.softmax(processed, dim=-1)
         new_tokens = self.sampler.sample(probs, rows.slot, rows.prompt, self.slots_per_prompt, self.alive)
         if not self.remove_stopped_rows:
@@ -203,29 +219,48 @@ class StepSearch:
         rows.tokens = torch.cat([rows.tokens, new_tokens[:, None]], dim=1)
         rows.mask = F.pad(rows.mask, (0, 1), value=1)
         rows.generated = rows.generated + self.alive
-        sampled = int(self.alive.sum())
+        sampled = len(rows) if self.remove_stopped_rows else int(self.alive.sum())  # every row decodes then
         self.tokens_generated += sampled
         if self.progress is not None:
             self.progress.update(sampled)
+        self.decode_steps += 1
         candidate, counts = self.rule.update(new_tokens)
         candidate &= self.alive
         counts &= self.alive
-        steps = candidate.nonzero().flatten()
-        if len(steps):
-            step_logits = self.model.sprm_logits_from_features(features[steps]).float()
-            for i, logit in zip(steps.tolist(), step_logits.tolist()):
-                rows.records[i].add(int(position[i]), logit)
-            # `counts` is a subset of `candidate`: the rows that count take their new step's logit.
-            counted = counts[steps]
-            rows.last_logit = rows.last_logit.index_put((steps[counted],), step_logits[counted])
-        self._settle(new_tokens, counts & at_steps)
 
-    def _settle(self, new_tokens: torch.Tensor, at_step: torch.Tensor) -> None:
+        def record() -> None:
+            steps = candidate.nonzero().flatten()
+            step_logits = self.model.sprm_logits_from_features(features[steps]).float()
+            # One host read for the rows, positions and logits (float64 holds each of them exactly).
+            host = torch.stack([steps.double(), position[steps].double(), step_logits.double()]).tolist()
+            for i, at, logit in zip(*host):
+                rows.records[int(i)].add(int(at), logit)
+            # `counts` is a subset of `candidate`: the rows that count take their new step's logit.
+            kept = torch.where(counts[steps], step_logits, rows.last_logit[steps])
+            rows.last_logit = rows.last_logit.index_put((steps,), kept)
+
+        if self.pruning.active:  # pruning ranks the running scores, new steps included
+            if bool(candidate.any()):
+                record()
+            self._settle(new_tokens, counts & at_steps)
+        else:
+            self._settle(new_tokens, counts & at_steps, candidate.any(), record)
+
+    def _settle(
+        self,
+        new_tokens: torch.Tensor,
+        at_step: torch.Tensor,
+        any_step: torch.Tensor | None = None,
+        record: Any = None,
+    ) -> None:
+        """Retire, prune or park the rows that stop; ``record`` (the new steps' scores, when ``any_step``) runs first,
+        decided in the same host sync as whether any row stopped."""
         rows = self.rows
         ended = torch.zeros_like(self.alive)  # ended on its own: EOS, a stop string or criterion
         if self.eos is not None:
             ended |= torch.isin(new_tokens, self.eos)
-        ended |= self.sampler.stopped(rows.tokens, rows.prompt, rows.generated, self.alive)
+        step = self.decode_steps if self.remove_stopped_rows else None
+        ended |= self.sampler.stopped(rows.tokens, rows.prompt, rows.generated, self.alive, step)
         ended &= self.alive
         cut = (rows.generated >= self.max_new_tokens) & self.alive & ~ended  # cut off by the length limit
         pruned = torch.zeros_like(ended)
@@ -242,35 +277,56 @@ class StepSearch:
                 )
         done = (ended | cut) & ~pruned
         parked = at_step & self.alive & ~done & ~pruned
-        for i in done.nonzero().flatten().tolist():
-            self._retire(i, False, scores)
-        for i in pruned.nonzero().flatten().tolist():
-            self._retire(i, True, scores)
-        if bool(parked.any()):
-            self._park(parked.nonzero().flatten())
         stopped = done | pruned | parked
+        # One host decision per step: only a step in which some row stopped looks at which rows did.
+        if any_step is None:
+            self._stopped_rows = bool(stopped.any())
+        else:
+            has_steps, self._stopped_rows = torch.stack([any_step, stopped.any()]).tolist()
+            if has_steps:
+                record()
+        if not self._stopped_rows:
+            return
+        # One host sync for the bookkeeping of the rows that stopped.
+        columns = [done, pruned, parked, rows.generated, rows.prompt, rows.node, rows.slot, rows.group, self.alive]
+        host = list(zip(*torch.stack([c.long() for c in columns]).tolist()))
+        self._live_units = {(row[4], row[7]) for row in host if row[8] and not any(row[:3])}
+        for i, (is_done, is_pruned, _, generated, prompt, node, slot, _, _) in enumerate(host):
+            if is_done or is_pruned:
+                self._retire(i, bool(is_pruned), scores, generated, prompt, node, slot)
+        parked_rows = [i for i, row in enumerate(host) if row[2]]
+        if parked_rows:
+            self._park(torch.tensor(parked_rows, device=stopped.device), [host[i] for i in parked_rows])
         if self.remove_stopped_rows:
-            if bool(stopped.any()):
-                keep = (~stopped).nonzero().flatten()
-                self.cache.batch_select_indices(keep)
-                self.rows = rows.select(keep)
-                self.rule.select(keep)
-                self.alive = self.alive[keep]
+            kept = [i for i, row in enumerate(host) if not any(row[:3])]
+            keep = torch.tensor(kept, dtype=torch.long, device=stopped.device)
+            self.cache.batch_select_indices(keep)
+            self.rows = rows.select(keep)
+            self.rule.select(keep)
+            self.alive = self.alive[keep]
         else:
             self.alive = self.alive & ~stopped
 
-    def _retire(self, i: int, pruned: bool, scores: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Move row ``i`` to the finished trajectories (with its running score when pruning needs it)."""
+    def _retire(
+        self,
+        i: int,
+        pruned: bool,
+        scores: tuple[torch.Tensor, torch.Tensor] | None,
+        generated: int,
+        prompt: int,
+        node: int,
+        slot: int,
+    ) -> None:
+        """Move row ``i`` (``generated`` tokens, ``prompt``, ``node``, ``slot``, read on the host) to the finished
+        trajectories (with its running score when pruning needs it)."""
         rows = self.rows
-        generated = int(rows.generated[i])
-        prompt, node = int(rows.prompt[i]), int(rows.node[i])
         self.tree[prompt][node].end = self.prompt_length + generated
         self.tree[prompt][node].status = "pruned" if pruned else "completed"
         self.finished.append(
             FinishedTrajectory(
                 prompt=prompt,
                 node=node,
-                order=(self.round, int(rows.slot[i])),
+                order=(self.tree[prompt][node].round, slot),
                 generated=rows.tokens[i, rows.tokens.shape[1] - generated :].clone(),
                 records=rows.records[i],
                 log_score=float(scores[0][i]) if scores is not None else math.nan,
@@ -279,13 +335,16 @@ class StepSearch:
             )
         )
 
-    def _park(self, index: torch.Tensor) -> None:
-        """Take rows that reached a step out of the batch, with their cache, until the round's selection."""
+    def _park(self, index: torch.Tensor, host: list[tuple[int, ...]]) -> None:
+        """Take rows that reached a step out of the batch, with their cache, until the round's selection.
+
+        ``host``: each row's ``(done, pruned, parked, generated, prompt, node, slot, group, alive)`` read on the host.
+        """
         parked = self.rows.park(index, self.cache, self.rule)
-        for i in range(len(parked)):
-            node = self.tree[int(parked.prompt[i])][int(parked.node[i])]
-            node.end = self.prompt_length + int(parked.generated[i])
-            node.step_score = float(torch.sigmoid(parked.last_logit[i]))
+        self.parked_units.append([(row[4], row[7]) for row in host])
+        for (_, _, _, generated, prompt, node, _, _, _), score in zip(host, torch.sigmoid(parked.last_logit).tolist()):
+            self.tree[prompt][node].end = self.prompt_length + generated
+            self.tree[prompt][node].step_score = score
         self.parked.append(parked)
 
     # -------------------------------------------------------------- the strategies' pieces
@@ -297,41 +356,194 @@ class StepSearch:
             groups: ``[sum(fanout)]`` the children's groups (default: their parent's).
             at_steps: children that sample a step token already stop there (beam search, DVTS).
         """
+        self._grow(fanout, 0, groups, at_steps)
+
+    def _grow(self, fanout: torch.Tensor, continuing: int, groups: torch.Tensor | None, at_steps: bool) -> None:
+        """One decode step in which rows ``continuing:`` are expanded: row ``i`` becomes ``fanout[i]`` children.
+
+        The first ``continuing`` rows (fanout 1) simply take their next token; the others' children start a new
+        round of their (prompt, group), with new tree nodes and the group's sampling slots. Children of one
+        (prompt, group) must be consecutive.
+        """
         logits, features = self._forward()
-        index = torch.arange(len(self.rows), device=fanout.device).repeat_interleave(fanout)
+        device = fanout.device
+        index = torch.arange(len(self.rows), device=device).repeat_interleave(fanout)
         self.cache.batch_select_indices(index)
-        parents = self.rows
-        self.rows = parents.select(index)
+        self.rows = self.rows.select(index)
         self.rule.select(index)
-        self.round += 1
-        self.num_slots = len(self.rows)
-        self.rows.slot = torch.arange(self.num_slots, device=fanout.device)
-        # Slots of one prompt are consecutive (rows are kept in prompt order), so a prompt's generator can draw them.
-        self.slots_per_prompt = torch.bincount(self.rows.prompt, minlength=self.batch)
-        if not bool((self.rows.prompt[1:] >= self.rows.prompt[:-1]).all()):
-            raise RuntimeError("Internal error: the search's rows are not in prompt order.")
+        rows = self.rows
         if groups is not None:
-            self.rows.group = groups
-        self.alive = torch.ones(self.num_slots, dtype=torch.bool, device=fanout.device)
-        for i in range(self.num_slots):
-            prompt = int(self.rows.prompt[i])
+            rows.group[len(rows) - len(groups) :] = groups
+        self.alive = torch.ones(len(rows), dtype=torch.bool, device=device)
+        new = slice(continuing, None)
+        nodes, slots, taken = [], [], {}
+        for prompt, group, parent, generated in zip(
+            rows.prompt[new].tolist(), rows.group[new].tolist(), rows.node[new].tolist(), rows.generated[new].tolist()
+        ):
+            unit = (prompt, group)
+            if unit not in taken:
+                taken[unit] = 0
+                self.rounds[unit] = self.rounds.get(unit, 0) + 1
             tree = self.tree[prompt]
-            parent = int(self.rows.node[i])
             if tree[parent].status != "root":
                 tree[parent].status = "expanded"
-            start = self.prompt_length + int(self.rows.generated[i])
-            tree.append(SearchNode(len(tree), parent, start, start, self.round, int(self.rows.group[i])))
-            self.rows.node[i] = len(tree) - 1
+            start = self.prompt_length + generated
+            tree.append(SearchNode(len(tree), parent, start, start, self.rounds[unit], group))
+            nodes.append(len(tree) - 1)
+            slot = group * self.group_slots + taken[unit]
+            if slot >= self.n:
+                raise RuntimeError("Internal error: a round of the search has more than N rows.")
+            slots.append(prompt * self.n + slot)
+            taken[unit] += 1
+        if nodes:
+            rows.node[new] = torch.tensor(nodes, dtype=rows.node.dtype, device=device)
+            rows.slot[new] = torch.tensor(slots, dtype=rows.slot.dtype, device=device)
         self._sample(logits[index], features[index], at_steps)
 
-    def decode(self, at_steps: bool = False) -> SearchRows | None:
-        """Decode until every row has finished, or (``at_steps``) stopped at its next step; returns the parked rows."""
-        while bool(self.alive.any()):
-            logits, features = self._forward()
-            self._sample(logits, features, at_steps)
-        parked = SearchRows.merge(self.parked) if self.parked else None
-        self.parked = []
-        return parked
+    def run(
+        self,
+        at_steps: bool = False,
+        width: int = 0,
+        budget: int = 0,
+        ranking: str = "mean",
+        first_groups: torch.Tensor | None = None,
+        capacity: int | None = None,
+    ) -> Iterator[int]:
+        """Decode every prompt to its N candidates, admitting prompts as room frees; yields each prompt as it ends.
+
+        Prompts are admitted in order, as many as ``capacity`` rows hold (N rows each; all of them when ``None``;
+        see [`_admissible`]): each is prefilled and its N children join the running batch in its next decode step,
+        the moment N rows are free. With ``at_steps`` (beam search, DVTS), rows stop at their next step; the moment every
+        row of a (prompt, group) has stopped, its ``width`` best parked rows (by ``ranking``) survive and share
+        ``budget`` children ([`split_budget`]), which join the running batch in its next decode step: no row waits
+        for another prompt's or group's rows. A prompt's first children get groups ``first_groups`` (DVTS's
+        subtrees). Yields the index of every prompt whose candidates are all finished, as soon as they are.
+        """
+        active: set[int] = set()
+        survivors = None
+        while True:
+            admit = self._admissible(survivors, budget, capacity, len(active))
+            if admit or survivors is not None:
+                self.admitted += len(admit)
+                active.update(admit)
+                self._admit(survivors, budget, admit, first_groups, at_steps)
+            elif len(self.rows) if self.remove_stopped_rows else bool(self.alive.any()):
+                logits, features = self._forward()
+                self._sample(logits, features, at_steps)
+            else:
+                break
+            survivors = None
+            if at_steps and self.parked and (self._stopped_rows or not len(self.rows)):
+                survivors = self.keep_best(self._take_ready(), width, ranking)
+            if self._stopped_rows or not len(self.rows):
+                present = {prompt for prompt, _ in self._live_units} if len(self.rows) else set()
+                present.update(prompt for units in self.parked_units for prompt, _ in units)
+                if survivors is not None:
+                    present.update(survivors.prompt.tolist())
+                for prompt in sorted(active - present):
+                    active.discard(prompt)
+                    yield prompt
+
+    def _admissible(self, survivors: SearchRows | None, budget: int, capacity: int | None, active: int) -> list[int]:
+        """The prompts to admit now: the next ones in order, while their N rows fit.
+
+        ``capacity`` counts the rows that decode in the next step (the running rows and the survivors' children): a
+        prompt is admitted once N rows are free, whichever prompts freed them. Parked rows (beam search, DVTS: rows
+        waiting for the rest of their round) hold memory, not compute, so they do not count against it; memory is
+        bounded instead by the prompts in flight: a prompt never holds more than N rows (decoding or parked), and
+        at most ``2 * capacity // N`` prompts are in flight. So the KV cache holds at most twice ``capacity`` rows,
+        and for Best-of-N (no parked rows) at most ``capacity``.
+        """
+        if capacity is None:
+            return list(range(self.admitted, self.batch))
+        decoding = len(self.rows)
+        if survivors is not None:
+            decoding += budget * len(set(zip(survivors.prompt.tolist(), survivors.group.tolist())))
+        room = min((capacity - decoding) // self.n, (2 * capacity) // self.n - active)
+        if active == 0:
+            room = max(room, 1)  # a prompt of more than `capacity` rows still runs, alone
+        return list(range(self.admitted, min(self.batch, self.admitted + max(room, 0))))
+
+    def _take_ready(self) -> SearchRows | None:
+        """The parked rows of every (prompt, group) that has no row decoding any more, taken out of ``parked``."""
+        # Read on the host: the units still decoding (as of the last step in which a row stopped, which is the step
+        # that calls this) and the parked rows' units, kept since they were parked.
+        live = self._live_units if len(self.rows) else set()
+        ready, waiting, waiting_units = [], [], []
+        for part, units in zip(self.parked, self.parked_units, strict=True):
+            is_ready = [unit not in live for unit in units]
+            if all(is_ready):
+                ready.append(part)
+            elif not any(is_ready):
+                waiting.append(part)
+                waiting_units.append(units)
+            else:
+                device = part.prompt.device
+                ready.append(part.select(torch.tensor([i for i, r in enumerate(is_ready) if r], device=device)))
+                waiting.append(part.select(torch.tensor([i for i, r in enumerate(is_ready) if not r], device=device)))
+                waiting_units.append([unit for unit, r in zip(units, is_ready) if not r])
+        self.parked, self.parked_units = waiting, waiting_units
+        return SearchRows.merge(ready) if ready else None
+
+    def _admit(
+        self,
+        survivors: SearchRows | None,
+        budget: int,
+        prompts: list[int],
+        first_groups: torch.Tensor | None,
+        at_steps: bool,
+    ) -> None:
+        """One decode step that also expands ``survivors`` (parked rows) and the newly admitted ``prompts``.
+
+        Running rows, survivors and the prefilled prompts are merged into one batch (right aligned, as parked rows
+        are merged), the survivors get ``budget`` children per (prompt, group), each new prompt N.
+        """
+        device = self.prompt_ids.device
+        config = self.model.config.get_text_config(decoder=True)
+        live = len(self.rows)
+        parts, fanouts = [], []
+        if live:
+            parts.append(self.rows.park(torch.arange(live, device=device), self.cache, self.rule))
+            fanouts.append(torch.ones(live, dtype=torch.long, device=device))
+        if survivors is not None:
+            parts.append(survivors)
+            fanouts.append(split_budget(survivors, budget))
+        groups = None
+        if prompts:
+            index = torch.tensor(prompts, dtype=torch.long, device=device)
+            reuse = not parts and self.cache is not None and self.admitted == len(prompts)  # `generate`'s, unused
+            cache = self.cache if reuse else DynamicCache(config=config)
+            fresh = self._prefill(index, cache)
+            fanouts.append(torch.full((len(prompts),), self.n, dtype=torch.long, device=device))
+            if first_groups is not None:
+                groups = first_groups.repeat(len(prompts))
+            if not parts:  # nothing else decodes: the prompts' cache is the batch's, as `generate` prepared it
+                self.cache, self.rows = cache, fresh
+                self.rule.previous, self.rule.seen_end = fresh.previous, fresh.seen_end
+            else:
+                parts.append(fresh.park(torch.arange(len(prompts), device=device), cache, fresh))
+        if parts:
+            self.resume(SearchRows.merge(parts) if len(parts) > 1 else parts[0])
+        self._grow(torch.cat(fanouts), live, groups, at_steps)
+
+    def output_for(
+        self,
+        prompt: int,
+        search: str,
+        selection: str | SelectionStrategy = "sprm",
+        answer_extractor: AnswerExtractor | None = None,
+        tokenizer: Any | None = None,
+    ) -> SearchOutput:
+        """The output of prompt ``prompt`` alone (a batch of one), once it has finished; its trajectories are freed."""
+        mine = [dataclasses.replace(f, prompt=0) for f in self.finished if f.prompt == prompt]
+        self.finished = [f for f in self.finished if f.prompt != prompt]
+        tree = self.tree[prompt]
+        self.tree[prompt] = []
+        return build_search_output(
+            self.model, mine, [tree], self.prompt_ids[prompt : prompt + 1], self.prompt_mask[prompt : prompt + 1],
+            self.n, self.pad, self.max_new_tokens, search, selection, answer_extractor, tokenizer,
+            sum(node.end - node.start for node in tree[1:]), 0,
+        )  # fmt: skip
 
     def completed_per_prompt(self) -> torch.Tensor:
         counts = torch.zeros(self.batch, dtype=torch.long)
@@ -347,17 +559,23 @@ class StepSearch:
         """
         if parked is None:
             return None
-        done = self.completed_per_prompt().to(parked.prompt.device) >= self.n
         key = self.running_log_scores(parked)[0] if ranking == "mean" else parked.last_logit
-        key = rankable_scores(key)
+        key = rankable_scores(key).tolist()
+        # One host read of the rows' prompts, groups, slots and nodes; the ranking runs on the host.
+        prompts, groups, slots, nodes = torch.stack([parked.prompt, parked.group, parked.slot, parked.node]).tolist()
+        completed: dict[int, int] = {}
+        for f in self.finished:
+            completed[f.prompt] = completed.get(f.prompt, 0) + 1
+        units: dict[tuple[int, int], list[int]] = {}
+        for i, unit in enumerate(zip(prompts, groups)):
+            units.setdefault(unit, []).append(i)
         keep = []
-        for prompt, group in sorted(set(zip(parked.prompt.tolist(), parked.group.tolist()))):
-            members = ((parked.prompt == prompt) & (parked.group == group)).nonzero().flatten()
-            order = sorted(members.tolist(), key=lambda i: (-float(key[i]), int(parked.slot[i])))
-            chosen = [] if bool(done[prompt]) else order[:width]
+        for (prompt, _), members in sorted(units.items()):
+            order = sorted(members, key=lambda i: (-key[i], slots[i]))
+            chosen = [] if completed.get(prompt, 0) >= self.n else order[:width]
             keep.extend(chosen)
             for i in set(order) - set(chosen):
-                self.tree[prompt][int(parked.node[i])].status = "dropped"
+                self.tree[prompt][nodes[i]].status = "dropped"
         if not keep:
             return None
         return parked.select(torch.tensor(keep, dtype=torch.long, device=parked.prompt.device))
@@ -410,13 +628,15 @@ class StepSearch:
 
 def split_budget(survivors: SearchRows, budget: int) -> torch.Tensor:
     """Children per survivor: each (prompt, group) shares ``budget`` children, the better-ranked first."""
-    fanout = torch.zeros(len(survivors), dtype=torch.long, device=survivors.prompt.device)
-    for prompt, group in set(zip(survivors.prompt.tolist(), survivors.group.tolist())):
-        members = ((survivors.prompt == prompt) & (survivors.group == group)).nonzero().flatten()
+    units: dict[tuple[int, int], list[int]] = {}
+    for i, unit in enumerate(zip(*torch.stack([survivors.prompt, survivors.group]).tolist())):
+        units.setdefault(unit, []).append(i)
+    fanout = [0] * len(survivors)
+    for members in units.values():
         base, extra = divmod(budget, len(members))
-        fanout[members] = base
-        fanout[members[:extra]] += 1
-    return fanout
+        for k, i in enumerate(members):
+            fanout[i] = base + (1 if k < extra else 0)
+    return torch.tensor(fanout, dtype=torch.long, device=survivors.prompt.device)
 
 
 __all__ = ["StepSearch", "split_budget"]
