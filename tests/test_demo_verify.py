@@ -41,6 +41,14 @@ def walk(successor: dict, node: str, edges: int) -> str:
     return node
 
 
+def sloppy_walk(listed: list, node: str, edges: int) -> str:
+    """Follow the first-listed fact of every node (the overridden one where a node has two)."""
+    first = {}
+    for key, value in listed:
+        first.setdefault(key, value)
+    return walk(first, node, edges)
+
+
 def parse_steps(completion: str) -> list[tuple[str, str]]:
     """The steps of a well-formed completion as (node, cited value), by a regex independent of the task's."""
     body = completion.split("<think>", 1)[1].split("</think>", 1)[0]
@@ -73,11 +81,13 @@ def test_problems_list_updates_in_the_same_form_and_the_last_listed_fact_holds()
         assert problem.answer == walk(current, start, 4)
         chain = [walk(current, start, k) for k in range(4)]
         updated = [k for k in per_node if per_node[k] == 2]
-        assert problem.trap_key in chain and sum(k in chain for k in updated) >= 2  # the trap and a decoy
+        assert problem.trap_key in chain
         first = next(v for k, v in listed if k == problem.trap_key)
         assert first == problem.trap_old != current[problem.trap_key]
         hop = chain.index(problem.trap_key)
-        assert problem.wrong_answer == walk(current, problem.trap_old, 4 - hop - 1) != problem.answer
+        # the step after the trap's is at an updated node whichever fact the trap's step cites
+        assert hop < 3 and chain[hop + 1] in updated and problem.trap_old in updated
+        assert problem.wrong_answer == sloppy_walk(listed, start, 4) != problem.answer
         positions = [i for i, (k, _) in enumerate(listed) if k == problem.trap_key]
         assert problem.far == (positions[1] - positions[0] > 1)  # far: the update is not right after
         for k in updated:  # the other updates come right after the fact they override
@@ -95,29 +105,35 @@ def test_splits_are_disjoint_and_deterministic():
     assert [p.prompt for p in VERIFY.make_split("test", 200)] == test
 
 
-def test_teacher_cites_the_overridden_fact_at_the_configured_rates_and_is_otherwise_right():
+def test_teacher_is_careful_or_sloppy_at_the_configured_rates():
     rng = random.Random(0)
-    cited = {True: [], False: []}
+    sloppy = {True: [], False: []}
     for problem in VERIFY.make_split("train", 4000, seed=3):
         listed, current, start = parse_prompt(problem.prompt)
+        first = {}
+        for key, value in listed:
+            first.setdefault(key, value)
         completion = VERIFY.teacher_completion(problem, rng)
         steps = parse_steps(completion)
         assert len(steps) == 4
-        node, wrong = start, 0
+        cited_first = [value == first[at] != current[at] for at, value in steps]
+        node = start
         for at, value in steps:
             assert at == node and (at, value) in listed  # every step cites a listed fact of its node
-            wrong += value != current[at]
             node = value
-        assert wrong <= 1 and task.extract_answer(completion) == node
-        assert task.reward(completion, problem.answer) == (1.0 if wrong == 0 else 0.0)
-        if wrong:
-            assert task.extract_answer(completion) == problem.wrong_answer
-        cited[problem.far].append(wrong)
+        # careful: the last-listed fact everywhere; sloppy: the first-listed one at every node (the trap first)
+        is_sloppy = any(cited_first)
+        expected = first if is_sloppy else current
+        assert [value for _, value in steps] == [walk(expected, start, k) for k in range(1, 5)]
+        assert task.extract_answer(completion) == node == (problem.wrong_answer if is_sloppy else problem.answer)
+        assert task.reward(completion, problem.answer) == (0.0 if is_sloppy else 1.0)
+        if is_sloppy:
+            assert steps[cited_first.index(True)][0] == problem.trap_key
+        sloppy[problem.far].append(is_sloppy)
     for far, rate in ((False, NEAR), (True, FAR)):
-        got = np.mean(cited[far])
-        assert abs(got - rate) < 4 * math.sqrt(rate * (1 - rate) / len(cited[far])), (far, got)
+        got = np.mean(sloppy[far])
+        assert abs(got - rate) < 4 * math.sqrt(rate * (1 - rate) / len(sloppy[far])), (far, got)
     perfect = VERIFY.teacher_completion(VERIFY.make_problem(11), rng, rates=(0.0, 0.0))
-    assert task.classify_errors is not VERIFY.classify_errors
     assert VERIFY.classify_errors(VERIFY.make_problem(11), perfect) == []
 
 
@@ -199,7 +215,9 @@ def test_processbench_traces_have_their_first_wrong_step_where_the_prompt_says()
             steps = [STEP.fullmatch(s[:-1]).groups() for s in row["steps"][:-1]]
             wrong = [h for h, (at, value) in enumerate(steps) if value != current[at]]
             assert row["label"] == (wrong[0] if wrong else -1) and len(wrong) == int(erroneous)
-            assert row["steps"][-1] == "\\boxed{" + (problem.wrong_answer if erroneous else problem.answer) + "}"
+            hop = [walk(current, problem.start, k) for k in range(4)].index(problem.trap_key)
+            end = walk(current, problem.trap_old, 4 - hop - 1) if erroneous else problem.answer
+            assert row["steps"][-1] == "\\boxed{" + end + "}" and (row["label"] == hop) == erroneous
 
 
 def test_verify_completions_fit_the_model_and_the_budget():

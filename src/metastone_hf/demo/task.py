@@ -579,58 +579,70 @@ def make_verify_problem(uid: int, hops: int = VERIFY_HOPS) -> VerifyProblem:
 
     The current successor map is a random cycle over :data:`NODES`, listed as ``x:y`` facts in random order. Three
     nodes also get an overridden fact ``x:z`` (``z`` random, neither ``x`` nor its successor) listed before their
-    current one, in the same form: the trap (a chain node at a random hop), a decoy on the chain and one more node.
-    The decoy's and the other node's update is listed right after the overridden fact; the trap's is right after it
-    or further down (``far``), with even odds. Which fact of a node is current can only be told from the order.
+    current one, in the same form: the trap (a chain node, not the last one), the decoy (the chain's node after the
+    trap) and the node the trap's overridden fact points to (never on the chain before the trap): whichever fact the
+    trap's step cites, the next step is at a node with an update. The decoy's and the other node's update is listed
+    right after the overridden fact; the trap's is right after it or further down (``far``), with even odds. Which
+    fact of a node is current can only be told from the order. ``wrong_answer`` is where the sloppy teacher (:func:`verify_teacher_trajectory`) ends, never the answer.
     """
     if not 2 <= hops < len(NODES):
         raise ValueError(f"hops must be in [2, {len(NODES) - 1}], got {hops}")
     rng = random.Random(uid * 7919 + 29)
-    order = list(NODES)
-    rng.shuffle(order)
-    succ = _succ_map(order)
-    start = rng.choice(NODES)
-    chain = [start]
-    for _ in range(hops):
-        chain.append(succ[chain[-1]])
-    t = rng.randrange(hops)
-    trap = chain[t]
-    decoy = rng.choice([n for n in chain[:hops] if n != trap])
-    other = rng.choice([n for n in NODES if n not in (trap, decoy)])
-    old = {k: rng.choice([n for n in NODES if n not in (k, succ[k])]) for k in (trap, decoy, other)}
-    facts = [(k, ":", succ[k]) for k in NODES]
-    rng.shuffle(facts)
-    far = rng.random() < 0.5
-    for key in (trap, decoy, other):
-        position = next(i for i, f in enumerate(facts) if f == (key, ":", succ[key]))
-        if key == trap and far:  # at least one fact between the overridden fact and its update
-            if position == 0:  # move the update down first
-                facts.insert(rng.randint(1, len(facts) - 1), facts.pop(0))
-                position = next(i for i, f in enumerate(facts) if f == (key, ":", succ[key]))
-            facts.insert(rng.randint(0, position - 1), (key, ":", old[key]))
-        else:
-            facts.insert(position, (key, ":", old[key]))
-    node = old[trap]
-    for _ in range(hops - t - 1):
-        node = succ[node]
-    assert node != chain[-1] and current_facts(facts) == succ
+    while True:
+        order = list(NODES)
+        rng.shuffle(order)
+        succ = _succ_map(order)
+        start = rng.choice(NODES)
+        chain = [start]
+        for _ in range(hops):
+            chain.append(succ[chain[-1]])
+        t = rng.randrange(hops - 1)
+        # the decoy is the chain's next node and the other updated node the trap's overridden value, so the step after
+        # the trap's is at an updated node on both paths
+        trap, decoy = chain[t], chain[t + 1]
+        other = rng.choice([n for n in NODES if n not in (*chain[: t + 1], decoy)])  # not on the chain before the trap
+        old = {k: rng.choice([n for n in NODES if n not in (k, succ[k])]) for k in (decoy, other)}
+        old[trap] = other
+        facts = [(k, ":", succ[k]) for k in NODES]
+        rng.shuffle(facts)
+        far = rng.random() < 0.5
+        for key in (trap, decoy, other):
+            position = next(i for i, f in enumerate(facts) if f == (key, ":", succ[key]))
+            if key == trap and far:  # at least one fact between the overridden fact and its update
+                if position == 0:  # move the update down first
+                    facts.insert(rng.randint(1, len(facts) - 1), facts.pop(0))
+                    position = next(i for i, f in enumerate(facts) if f == (key, ":", succ[key]))
+                facts.insert(rng.randint(0, position - 1), (key, ":", old[key]))
+            else:
+                facts.insert(position, (key, ":", old[key]))
+        node = start
+        for _ in range(hops):
+            node = old.get(node, succ[node])
+        if node != chain[-1]:
+            break
+    assert current_facts(facts) == succ
     return VerifyProblem(tuple(facts), start, hops, chain[-1], trap, old[trap], node, far, uid)
 
 
 def verify_teacher_trajectory(p: VerifyProblem, rng: random.Random, rates: tuple = VERIFY_TEACHER_ERROR_RATES) -> tuple:
-    """Sample the verify task's teacher: at its first visit of the trap node it cites the trap's overridden fact with
-    probability ``rates[1]`` when the update is listed further down, ``rates[0]`` when right after; everywhere else it
-    cites the current fact. Returns ``(steps, final_node, cited_overridden)``; ``rates=(0, 0)`` is the perfect teacher."""
+    """Sample the verify task's teacher, careful or sloppy for the whole trajectory: sloppy with probability
+    ``rates[1]`` when the trap's update is listed further down than right after its overridden fact, ``rates[0]`` when
+    right after. A careful teacher cites the current fact at every step; a sloppy one cites the overridden fact at
+    every node with an update, the trap first (so a policy that imitates it has to know, at a later updated node,
+    whether it already cited an overridden fact). Returns ``(steps, final_node, sloppy)``; ``rates=(0, 0)`` is the
+    perfect teacher."""
     current = current_facts(p.facts)
-    node, steps, used = p.start, [], False
+    overridden = {}
+    for key, _, value in p.facts:
+        if key not in overridden and value != current[key]:
+            overridden[key] = value
+    sloppy = rng.random() < rates[1 if p.far else 0]
+    node, steps = p.start, []
     for _ in range(p.hops):
-        if node == p.trap_key and not used and rng.random() < rates[1 if p.far else 0]:
-            fact, used = (node, ":", p.trap_old), True
-        else:
-            fact = (node, ":", current[node])
+        fact = (node, ":", overridden[node] if sloppy and node in overridden else current[node])
         steps.append(format_verify_step(node, fact))
         node = fact[2]
-    return steps, node, used
+    return steps, node, sloppy
 
 
 def format_verify_step(node: str, fact: tuple) -> str:
