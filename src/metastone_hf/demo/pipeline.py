@@ -20,6 +20,10 @@ reported, never hidden.
 (:data:`~metastone_hf.demo.task.TASKS`: 7 steps, an independent teacher error of 0.3 at every step), where errors
 compound and step-level search beats Best-of-N at equal generated tokens; its targets say so (beam search and
 DVTS above BoN-SPRM at N = 4, 8 and 16 with 95% intervals apart, BoN-SPRM above majority vote).
+
+``metastone demo --task verify`` runs it on the verify task, whose wrong steps are written like right ones, and adds
+:func:`verify_analysis`: the head's step AUC against two baselines that see only each step's own tokens, and the
+ProcessBench-format result with 95% intervals (targets: :func:`check_verify_targets`).
 """
 
 from __future__ import annotations

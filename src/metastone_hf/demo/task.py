@@ -57,11 +57,23 @@ in that step (``(old)``), errors compound (a trajectory is right only when all i
 is near zero, Best-of-N needs one all-correct sample among N, and a search that keeps the best child at every
 step fixes each step on its own.  Prompt: the 8 current and 8 stale facts, shuffled, then ``?start``.
 
+The verify variant (``metastone demo --task verify``)
+----------------------------------------------------
+In both tasks above a wrong step carries its own label (``(old)``, restated where the head reads). In the verify task
+(:func:`make_verify_problem`) every fact is written ``x:y``; three nodes are listed twice and the last-listed fact is
+the true one. A step is ``c>c:e`` (at ``c``, cite ``c:e``), 2 tokens and the step token; a wrong step cites an
+overridden fact, so a right and a wrong step are drawn from the same tokens and only the prompt's order tells them
+apart (:func:`verify_step_labels` labels them, ProcessBench's way). The teacher (:func:`verify_teacher_trajectory`)
+is careful or sloppy for a whole trajectory (sloppy: 90% of problems whose trap update is listed further down, 25%
+where it comes right after), and a sloppy one cites the overridden fact at every updated node, the trap first.
+
 Public API: :func:`make_problem`, :func:`make_split`, :func:`teacher_completion`,
 :func:`format_prompt`, :func:`extract_answer`, :func:`reward`, :func:`reward_fn`,
 :func:`build_tokenizer`, :func:`fact_tag`, :func:`classify_errors`, :func:`processbench_trace`, constants :data:`STEP_TEXT`, :data:`THINK`,
 :data:`END_THINK`, :data:`ERROR_TYPES`; the long task: :func:`make_long_problem`,
-:func:`long_teacher_trajectory`, :class:`DemoTask`, :data:`TASKS`, :func:`get_task`.
+:func:`long_teacher_trajectory`, :class:`DemoTask`, :data:`TASKS`, :func:`get_task`; the verify task:
+:func:`make_verify_problem`, :func:`verify_teacher_trajectory`, :func:`classify_verify_errors`,
+:func:`verify_step_labels`, :func:`verify_processbench_trace`, :func:`current_facts`, :data:`VERIFY_ERROR_TYPES`.
 Imports only the standard library at module level; ``transformers``/``tokenizers`` lazily.
 """
 
@@ -101,6 +113,18 @@ __all__ = [
     "DemoTask",
     "TASKS",
     "get_task",
+    "VERIFY_HOPS",
+    "VERIFY_TEACHER_ERROR_RATES",
+    "VERIFY_ERROR_TYPES",
+    "VerifyProblem",
+    "current_facts",
+    "make_verify_problem",
+    "verify_teacher_trajectory",
+    "format_verify_step",
+    "classify_verify_errors",
+    "verify_step_errors",
+    "verify_step_labels",
+    "verify_processbench_trace",
 ]
 
 NODES = "abcdefgh"
@@ -481,16 +505,20 @@ class DemoTask:
     """One task of the demo: how its problems are made and how its imperfect teacher errs.
 
     Attributes:
-        name: ``"short"`` (three steps, one trap node, errors concentrated on one wrong answer) or ``"long"``
-            (:data:`LONG_HOPS` steps, a stale fact at every node, errors compounding step after step).
+        name: ``"short"`` (three steps, one trap node, errors concentrated on one wrong answer), ``"long"``
+            (:data:`LONG_HOPS` steps, a stale fact at every node, errors compounding step after step) or ``"verify"``
+            (:data:`VERIFY_HOPS` steps, wrong steps written like right ones).
         hops: steps per trajectory.
         teacher_error_rates: what the teacher's ``rates`` argument means for this task: short, the probability of
             taking the trap's stale fact when it is listed (before, after) the current one; long, ``(e,)``, the
             probability of following a stale fact at each step.
         description: one line for reports and model cards.
         problem_factory: ``(uid, hops=...) -> problem`` (:func:`make_problem` or :func:`make_long_problem`).
-        teacher: ``(problem, rng, rates) -> (steps, final_node, errors)`` (:func:`teacher_trajectory` or
-            :func:`long_teacher_trajectory`).
+        teacher: ``(problem, rng, rates) -> (steps, final_node, errors)`` (:func:`teacher_trajectory`,
+            :func:`long_teacher_trajectory` or :func:`verify_teacher_trajectory`).
+        tokens_per_step: tokens of a well-formed step, the step token included.
+        error_types: the kinds of error :attr:`classify_errors` names, with what each is.
+        classify_errors: ``(problem, completion) -> [error type, ...]``.
     """
 
     name: str
