@@ -1,7 +1,7 @@
 """Step-level search vs Best-of-N on a demo task: accuracy against generated tokens, wall time, pruning savings.
 
 The demo model (``metastone demo``: a tiny Qwen2-style MetaStone policy with its SPRM head, SFT then joint GRPO +
-SPR training on a synthetic stale-fact task, ``--task short`` or ``--task long``, see ``metastone_hf.demo.task``)
+SPR training on a synthetic task, ``--task short``, ``long`` or ``verify``, see ``metastone_hf.demo.task``)
 is trained once (or read with ``--checkpoint``, which must come from the same ``--task`` / ``--hops``), then every
 strategy answers the same held-out problems with the same N (M = ``--beam-width``, search-and-learn's meaning):
 
@@ -16,7 +16,7 @@ For each, it prints the accuracy of the chosen answer with a 95% bootstrap inter
 (``prune_top_k=N/4``) with stopped rows removed from the batch versus kept as padding (the same candidates; the time
 and the forwards saved). Ratios are measured in one run. The plot of accuracy against generated tokens goes to
 ``--plot`` (default ``docs/search_accuracy_vs_tokens.png``, ``docs/search_long_accuracy_vs_tokens.png`` for the
-long task).
+long task, ``docs/search_verify_accuracy_vs_tokens.png`` for the verify task).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_search.py --task long [--checkpoint out/checkpoint] [--problems 200]
 """
@@ -195,7 +195,9 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     config = DemoConfig.for_task(args.task, args.hops, seed=args.seed)
     plot_path = args.plot or (
-        "docs/search_long_accuracy_vs_tokens.png" if args.task == "long" else "docs/search_accuracy_vs_tokens.png"
+        "docs/search_accuracy_vs_tokens.png"
+        if args.task == "short"
+        else f"docs/search_{args.task}_accuracy_vs_tokens.png"
     )
     model, tokenizer = trained_model(args)
     problems = config.demo_task.make_split("test", args.problems, seed=args.seed + 101)

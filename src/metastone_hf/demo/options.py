@@ -13,10 +13,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     parser.add_argument(
         "--task",
-        choices=("short", "long"),
+        choices=("short", "long", "verify"),
         default="short",
         help="short: 3 steps, one stale fact (Best-of-N's scaling); long: 7 steps with a 0.3 teacher error at every "
-        "step, errors compounding (where beam search and DVTS beat Best-of-N); see metastone_hf.demo.task",
+        "step, errors compounding (where beam search and DVTS beat Best-of-N); verify: 4 steps whose wrong ones look "
+        "like right ones (the head has to check a step against the prompt); see metastone_hf.demo.task",
     )
     parser.add_argument(
         "--hops",

@@ -20,6 +20,10 @@ reported, never hidden.
 (:data:`~metastone_hf.demo.task.TASKS`: 7 steps, an independent teacher error of 0.3 at every step), where errors
 compound and step-level search beats Best-of-N at equal generated tokens; its targets say so (beam search and
 DVTS above BoN-SPRM at N = 4, 8 and 16 with 95% intervals apart, BoN-SPRM above majority vote).
+
+``metastone demo --task verify`` runs it on the verify task, whose wrong steps are written like right ones, and adds
+:func:`verify_analysis`: the head's step AUC against two baselines that see only each step's own tokens, and the
+ProcessBench-format result with 95% intervals (targets: :func:`check_verify_targets`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ QUICK = {"sft_steps": 30, "rl_steps": 2, "eval_problems": 4, "samples": 8}
 # are longer), 200 held-out problems, N = 4 ... 32, and search-and-learn's default tree for both searches (M = 4
 # children per kept beam: beam search keeps N/4 beams, DVTS runs N/4 subtrees).
 LONG = {"sft_steps": 1200, "rl_steps": 60, "eval_problems": 200, "budgets": (4, 8, 16, 32), "beam_width": 4}
+# The verify task's budgets: the short task's training, N = 4 ... 32 and the long task's search tree.
+VERIFY = {"eval_problems": 200, "budgets": (4, 8, 16, 32), "beam_width": 4}
+# What each error type of every task is, for the error table.
+ERROR_DESCRIPTIONS = {**task.ERROR_TYPES, **task.VERIFY_ERROR_TYPES}
 
 
 @dataclass
@@ -97,7 +105,7 @@ class DemoConfig:
             hops=demo_task.hops,
             teacher_error_rates=demo_task.teacher_error_rates,
             max_completion_length=demo_task.completion_tokens + 11,  # 32 for the short task's three steps
-            **(LONG if name == "long" else {}),
+            **{"long": LONG, "verify": VERIFY}.get(name, {}),
         )
         return replace(config, **overrides)
 
@@ -316,7 +324,9 @@ class DemoEvaluation:
     tree: str = ""
 
 
-def error_type_stats(problems: list[Any], completions: list[list[str]], correct: Any, scores: Any) -> dict:
+def error_type_stats(
+    problems: list[Any], completions: list[list[str]], correct: Any, scores: Any, demo_task: Any = None
+) -> dict:
     """How often the policy makes each kind of error, and how well the SPRM score catches it.
 
     For each type of :data:`~metastone_hf.demo.task.ERROR_TYPES`: ``share``, the fraction of sampled trajectories
@@ -325,11 +335,12 @@ def error_type_stats(problems: list[Any], completions: list[list[str]], correct:
     """
     from ..metrics import roc_auc
 
+    demo_task = demo_task or task.TASKS["short"]
     correct, scores = np.asarray(correct, dtype=bool), np.asarray(scores, dtype=float)
-    kinds = [[task.classify_errors(p, text) for text in row] for p, row in zip(problems, completions)]
+    kinds = [[demo_task.classify_errors(p, text) for text in row] for p, row in zip(problems, completions)]
     total = correct.size
     stats = {}
-    for error in task.ERROR_TYPES:
+    for error in demo_task.error_types:
         has = np.array([[error in k for k in row] for row in kinds], dtype=bool)
         stats[error] = {
             "share": float(has.sum() / total),
@@ -411,7 +422,7 @@ def evaluate_demo(model: Any, tokenizer: Any, config: DemoConfig, progress: bool
                 "n": n,
                 "tokens_per_question": sum(r["tokens_generated"] for r in runs) / len(problems),
             }
-    errors = error_type_stats(problems, records.completions, records.correct, records.scores)
+    errors = error_type_stats(problems, records.completions, records.correct, records.scores, config.demo_task)
     tokens = np.array([r["tokens"] for r in sampled])
     return DemoEvaluation(summary, records, tokens, searches, errors, search_tree_text(config.beam_width))
 
@@ -505,6 +516,239 @@ def check_targets(
     ]
 
 
+# ---------------------------------------------------------------------------------------------- the verify task
+# Teacher traces behind the step-level comparison of the head with the bag-of-tokens baselines: the baselines are
+# fitted on the train ones and everything is measured on the held-out ones.
+VERIFY_BASELINE_TRAIN, VERIFY_BASELINE_HELD_OUT = 3000, 400
+
+
+def _logistic_regression_auc(train_x: Any, train_y: Any, test_x: Any, test_y: Any, l2: float = 1e-3) -> float:
+    """Held-out AUC of an L2-regularised logistic regression (full-batch L-BFGS in float64, classes balanced)."""
+    from ..metrics import roc_auc
+
+    x, y = torch.as_tensor(train_x, dtype=torch.float64), torch.as_tensor(train_y, dtype=torch.float64)
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    balance = torch.where(y > 0.5, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = x @ weight + bias
+        loss = (balance * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).mean()
+        loss = loss + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        scores = (torch.as_tensor(test_x, dtype=torch.float64) @ weight + bias).numpy()
+    test_y = np.asarray(test_y, dtype=bool)
+    return roc_auc(scores[test_y], scores[~test_y])
+
+
+def labelled_teacher_steps(tokenizer: Any, demo_task: Any, problems: list[Any], seed: int) -> list[dict]:
+    """One teacher completion per problem, its steps labelled up to the first wrong one
+    (:func:`~metastone_hf.demo.task.verify_step_labels`): ``[{"problem", "completion", "steps": [(ids, right)], ...}]``
+    with each step's own token ids (the step token excluded)."""
+    rng = random.Random(seed)
+    traces = []
+    for problem in problems:
+        completion = demo_task.teacher_completion(problem, rng)
+        steps = [
+            (tokenizer.encode(text, add_special_tokens=False), right)
+            for text, right in task.verify_step_labels(problem, completion)
+        ]
+        traces.append({"problem": problem, "completion": completion, "steps": steps})
+    return traces
+
+
+def bag_of_tokens_aucs(train: list[dict], held_out: list[dict], vocab_size: int) -> dict[str, float]:
+    """Held-out step AUCs (right vs wrong) of two baselines that see only each step's own tokens: logistic regression
+    on the step's token counts, and on its last token (the position the head reads)."""
+    features = {}
+    for name, traces in (("train", train), ("held_out", held_out)):
+        steps = [step for trace in traces for step in trace["steps"]]
+        counts = np.zeros((len(steps), vocab_size))
+        last = np.zeros((len(steps), vocab_size))
+        for row, (ids, _) in enumerate(steps):
+            np.add.at(counts[row], ids, 1.0)
+            last[row, ids[-1]] = 1.0
+        features[name] = (counts, last, np.array([right for _, right in steps], dtype=float))
+    (train_counts, train_last, train_y), (test_counts, test_last, test_y) = features["train"], features["held_out"]
+    return {
+        "token_counts": _logistic_regression_auc(train_counts, train_y, test_counts, test_y),
+        "last_token": _logistic_regression_auc(train_last, train_y, test_last, test_y),
+    }
+
+
+def head_step_scores(model: Any, tokenizer: Any, traces: list[dict], batch_size: int = 64) -> list[list[float]]:
+    """The head's score of each labelled step of ``traces`` (read where the step's step token was predicted)."""
+    scores = []
+    for start in range(0, len(traces), batch_size):
+        batch = traces[start : start + batch_size]
+        texts = [t["problem"].prompt + t["completion"] + tokenizer.eos_token for t in batch]
+        encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        result = model.score_trajectories(encoded.input_ids, encoded.attention_mask)
+        for row, trace in enumerate(batch):
+            scores.append(result.step_scores[row].tolist()[: len(trace["steps"])])
+    return scores
+
+
+def processbench_with_intervals(
+    model: Any, tokenizer: Any, problems: list[Any], confidence: float = 0.95, resamples: int = 2000
+) -> dict[str, Any]:
+    """ProcessBench's metric on synthetic traces with a known first wrong step
+    (:func:`~metastone_hf.demo.task.verify_processbench_trace`, erroneous at positions 1 and 2 mod 4): error / correct
+    accuracy and F1 at threshold 0.5 and at the threshold tuned on the even positions (measured on the odd ones),
+    each with a percentile bootstrap interval over traces."""
+    from ..processbench import ProcessBenchTrace, best_threshold, first_error, processbench_f1, score_traces
+
+    rows = [task.verify_processbench_trace(p, erroneous=i % 4 in (1, 2)) for i, p in enumerate(problems)]
+    traces = [ProcessBenchTrace(r["id"], r["problem"], r["steps"], r["label"]) for r in rows]
+    scores, _ = score_traces(model, tokenizer, traces, lambda problem: problem, progress_bar=False)
+    labels = np.array([t.label for t in traces])
+    tuned = best_threshold(scores[0::2], list(labels[0::2]))
+    rng = np.random.default_rng(0)
+    result = {}
+    for name, threshold, rows_used in (
+        ("at_0.5", 0.5, np.arange(len(traces))),
+        ("tuned", tuned, np.arange(1, len(traces), 2)),
+    ):
+        predicted = np.array([first_error(scores[i], threshold) for i in rows_used])
+        truth = labels[rows_used]
+        entry = {"threshold": threshold, "traces": len(rows_used), **processbench_f1(predicted, truth)}
+        draws = [
+            processbench_f1(predicted[idx], truth[idx])
+            for idx in rng.integers(0, len(rows_used), (resamples, len(rows_used)))
+        ]
+        alpha = (1 - confidence) / 2
+        for metric in ("error_acc", "correct_acc", "f1"):
+            values = np.array([d[metric] for d in draws])
+            entry[f"{metric}_ci"] = (float(np.nanquantile(values, alpha)), float(np.nanquantile(values, 1 - alpha)))
+        result[name] = entry
+    return result
+
+
+def verify_analysis(model: Any, tokenizer: Any, config: DemoConfig) -> dict[str, Any]:
+    """What the verify task adds to the demo's evaluation: does the head check a step against the prompt, where a
+    step's own tokens say nothing about whether it is right?
+
+    On held-out teacher traces (steps labelled up to the first wrong one): the head's step AUC (right vs wrong steps),
+    overall and among the steps at nodes whose fact was updated (where right and wrong steps cite the same node), and
+    the two bag-of-tokens baselines of :func:`bag_of_tokens_aucs` (fitted on train traces); then the ProcessBench-format
+    result of :func:`processbench_with_intervals` on held-out problems.
+    """
+    from ..metrics import roc_auc
+
+    demo_task = config.demo_task
+    train = labelled_teacher_steps(
+        tokenizer,
+        demo_task,
+        demo_task.make_split("train", VERIFY_BASELINE_TRAIN, seed=config.seed * 100_000 + 77_777),
+        config.seed + 1,
+    )
+    held_out_problems = demo_task.make_split("test", VERIFY_BASELINE_HELD_OUT, seed=config.seed + 555)
+    held_out = labelled_teacher_steps(tokenizer, demo_task, held_out_problems, config.seed + 2)
+    baselines = bag_of_tokens_aucs(train, held_out, len(tokenizer))
+    head = head_step_scores(model, tokenizer, held_out)
+    right, wrong, right_updated = [], [], []
+    for trace, scores in zip(held_out, head):
+        updated = {k for k, _, _ in trace["problem"].facts if sum(f[0] == k for f in trace["problem"].facts) > 1}
+        for (_ids, is_right), score, text in zip(
+            trace["steps"], scores, task.verify_step_labels(trace["problem"], trace["completion"])
+        ):
+            (right if is_right else wrong).append(score)
+            if is_right and text[0][0] in updated:
+                right_updated.append(score)
+    # interval of the head's step AUC: bootstrap over held-out traces
+    per_trace = [(scores, [is_right for _, is_right in trace["steps"]]) for trace, scores in zip(held_out, head)]
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(300):
+        picked = [per_trace[i] for i in rng.integers(0, len(per_trace), len(per_trace))]
+        pos = [s for scores, flags in picked for s, f in zip(scores, flags) if f]
+        neg = [s for scores, flags in picked for s, f in zip(scores, flags) if not f]
+        draws.append(roc_auc(pos, neg))
+    processbench = processbench_with_intervals(
+        model, tokenizer, demo_task.make_split("test", config.eval_problems * 2, seed=config.seed + 999)
+    )
+    return {
+        "held_out_traces": len(held_out),
+        "right_steps": len(right),
+        "wrong_steps": len(wrong),
+        "head_step_auc": roc_auc(right, wrong),
+        "head_step_auc_ci": (float(np.nanquantile(draws, 0.025)), float(np.nanquantile(draws, 0.975))),
+        "head_step_auc_updated_nodes": roc_auc(right_updated, wrong),
+        "right_steps_at_updated_nodes": len(right_updated),
+        "head_wrong_step_mean": float(np.mean(wrong)) if wrong else float("nan"),
+        "head_right_step_mean": float(np.mean(right)) if right else float("nan"),
+        "bag_of_tokens_auc": baselines["token_counts"],
+        "last_token_auc": baselines["last_token"],
+        "processbench": processbench,
+    }
+
+
+def format_verify_analysis(analysis: dict[str, Any]) -> str:
+    """The verify task's extra tables: step AUCs of the head and the bag-of-tokens baselines, and ProcessBench."""
+    low, high = analysis["head_step_auc_ci"]
+    lines = [
+        f"Does the head verify? Steps of {analysis['held_out_traces']} held-out teacher traces, labelled up to the "
+        f"first wrong one ({analysis['right_steps']} right, {analysis['wrong_steps']} wrong):",
+        "",
+        "| scorer | sees | step AUC (right vs wrong) |",
+        "|---|---|---|",
+        f"| SPRM head | the prompt and the steps so far | {analysis['head_step_auc']:.3f} [{low:.3f}, {high:.3f}] |",
+        f"| SPRM head, at updated nodes only | ({analysis['right_steps_at_updated_nodes']} right steps) | "
+        f"{analysis['head_step_auc_updated_nodes']:.3f} |",
+        f"| logistic regression, token counts | the step's own tokens | {analysis['bag_of_tokens_auc']:.3f} |",
+        f"| logistic regression, last token | the token the head reads at | {analysis['last_token_auc']:.3f} |",
+        "",
+        f"Mean head score: right steps {analysis['head_right_step_mean']:.3f}, wrong steps "
+        f"{analysis['head_wrong_step_mean']:.3f}.",
+        "",
+        "ProcessBench format, synthetic traces with a known first wrong step (the overridden fact cited at the trap), "
+        "95% bootstrap intervals:",
+        "",
+        "| threshold | traces | error acc | correct acc | F1 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in analysis["processbench"].items():
+        label = "0.5" if name == "at_0.5" else f"tuned {entry['threshold']:.3g} (on even, measured on odd)"
+        cells = [
+            f"{entry[m]:.1f} [{entry[m + '_ci'][0]:.1f}, {entry[m + '_ci'][1]:.1f}]"
+            for m in ("error_acc", "correct_acc", "f1")
+        ]
+        lines.append(f"| {label} | {entry['traces']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def check_verify_targets(summary: dict[str, Any], analysis: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The verify task's targets: BoN-SPRM@32 at least 10 points above pass@1 and above majority@32, the SPRM
+    separates correct from incorrect trajectories and right from wrong steps (AUC >= 0.85), and neither
+    bag-of-tokens baseline does (held-out step AUC <= 0.60)."""
+    from ..metrics import budget_items, metric_key
+
+    metrics = summary["metrics"]
+    labels = {n: label for label, n in budget_items(summary["budgets"])}
+    if 32 not in labels:
+        return [("verify-task targets", False, "N = 32 was not evaluated (fewer than 32 samples per problem)")]
+    bon = metrics[metric_key("bon_sprm", 32, labels[32])]["mean"]
+    majority = metrics[metric_key("majority", 32, labels[32])]["mean"]
+    pass1, auc = metrics["pass@1"]["mean"], summary["sprm_auc"]
+    step_auc = analysis["head_step_auc"]
+    return [
+        ("BoN-SPRM@32 >= pass@1 + 10 points", bon >= pass1 + 0.10, f"{_pct(bon)} vs {_pct(pass1)} + 10"),
+        ("BoN-SPRM@32 > majority@32", bon > majority, f"{_pct(bon)} vs {_pct(majority)}"),
+        ("SPRM AUC >= 0.85", (not math.isnan(auc)) and auc >= 0.85, f"{auc:.3f}"),
+        ("SPRM step AUC >= 0.85", (not math.isnan(step_auc)) and step_auc >= 0.85, f"{step_auc:.3f}"),
+        *(
+            (f"{name} AUC <= 0.60", analysis[key] <= 0.60, f"{analysis[key]:.3f}")
+            for name, key in (("bag-of-tokens", "bag_of_tokens_auc"), ("last-token", "last_token_auc"))
+        ),
+    ]
+
+
 def format_results(evaluation: DemoEvaluation) -> str:
     """The results table (Best-of-N metrics plus the step-level searches), tokens per question, and error types."""
     from ..evaluation import format_table
@@ -547,7 +791,7 @@ def format_results(evaluation: DemoEvaluation) -> str:
     for error, stats in evaluation.errors.items():
         auc = "n/a" if math.isnan(stats["auc"]) else f"{stats['auc']:.3f}"
         lines.append(
-            f"| {error} | {100 * stats['share']:.2f}% | {stats['wrong']} | {auc} | {task.ERROR_TYPES[error]} |"
+            f"| {error} | {100 * stats['share']:.2f}% | {stats['wrong']} | {auc} | {ERROR_DESCRIPTIONS.get(error, '')} |"
         )
     return "\n".join(lines)
 
@@ -590,15 +834,25 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
     from ..evaluation import plot_accuracy_vs_n, plot_accuracy_vs_tokens, save_report
     from ..hub import EvalDataset, eval_results_from_report, save_checkpoint
 
-    long_task = config.task_name == "long"
-    DEMO_EVAL_DATASET = EvalDataset(
-        name="Long stale-fact pointer chase (synthetic, metastone demo --task long)"
-        if long_task
-        else "Stale-fact pointer chase (synthetic, metastone demo)",
-        type="metastone-demo-long-stale-fact-pointer-chase" if long_task else "metastone-demo-stale-fact-pointer-chase",
-        split="test",
+    long_task = config.task_name in ("long", "verify")  # the tasks named in their titles
+    DEMO_EVAL_DATASET = (
+        EvalDataset(
+            name="Fact-update pointer chase (synthetic, metastone demo --task verify)",
+            type="metastone-demo-verify-fact-update-pointer-chase",
+            split="test",
+        )
+        if config.task_name == "verify"
+        else EvalDataset(
+            name="Long stale-fact pointer chase (synthetic, metastone demo --task long)"
+            if long_task
+            else "Stale-fact pointer chase (synthetic, metastone demo)",
+            type="metastone-demo-long-stale-fact-pointer-chase"
+            if long_task
+            else "metastone-demo-stale-fact-pointer-chase",
+            split="test",
+        )
     )
-    title = "metastone demo --task long" if long_task else "metastone demo"
+    title = f"metastone demo --task {config.task_name}" if long_task else "metastone demo"
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -635,9 +889,19 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
     phase("eval", began)
 
     summary = evaluation.summary
-    targets = check_targets(summary, evaluation.searches, config.task_name)
+    analysis = None
+    if config.task_name == "verify":
+        began = time.perf_counter()
+        analysis = verify_analysis(model, tokenizer, config)
+        phase("verify", began)
+        targets = check_verify_targets(summary, analysis)
+    else:
+        targets = check_targets(summary, evaluation.searches, config.task_name)
     timings["total"] = round(time.perf_counter() - start, 1)
-    lines = [format_results(evaluation), "", "Targets:"]
+    lines = [format_results(evaluation)]
+    if analysis is not None:
+        lines += ["", format_verify_analysis(analysis)]
+    lines += ["", "Targets:"]
     lines += [f"  [{'MET' if met else 'MISSED'}] {name}: {values}" for name, met, values in targets]
     lines.append(
         f"\nwall time: {timings['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')}); "
@@ -677,7 +941,8 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
                  "sft_loss_every_100_steps": sft_losses, "grpo_log": rl_log,
                  "searches": evaluation.searches, "error_types": evaluation.errors,
                  "tokens_per_sample": float(evaluation.tokens.mean()),
-                 "targets": [{"name": n, "met": m, "values": v} for n, m, v in targets]}  # fmt: skip
+                 "targets": [{"name": n, "met": m, "values": v} for n, m, v in targets],
+                 **({"verify": analysis} if analysis is not None else {})}  # fmt: skip
         (staging / "demo_run.json").write_text(json.dumps(extra, indent=1, default=str))
     print("\n" + report_text)
     print(

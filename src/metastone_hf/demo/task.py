@@ -57,11 +57,23 @@ in that step (``(old)``), errors compound (a trajectory is right only when all i
 is near zero, Best-of-N needs one all-correct sample among N, and a search that keeps the best child at every
 step fixes each step on its own.  Prompt: the 8 current and 8 stale facts, shuffled, then ``?start``.
 
+The verify variant (``metastone demo --task verify``)
+----------------------------------------------------
+In both tasks above a wrong step carries its own label (``(old)``, restated where the head reads). In the verify task
+(:func:`make_verify_problem`) every fact is written ``x:y``; three nodes are listed twice and the last-listed fact is
+the true one. A step is ``c>c:e`` (at ``c``, cite ``c:e``), 2 tokens and the step token; a wrong step cites an
+overridden fact, so a right and a wrong step are drawn from the same tokens and only the prompt's order tells them
+apart (:func:`verify_step_labels` labels them, ProcessBench's way). The teacher (:func:`verify_teacher_trajectory`)
+is careful or sloppy for a whole trajectory (sloppy: 90% of problems whose trap update is listed further down, 25%
+where it comes right after), and a sloppy one cites the overridden fact at every updated node, the trap first.
+
 Public API: :func:`make_problem`, :func:`make_split`, :func:`teacher_completion`,
 :func:`format_prompt`, :func:`extract_answer`, :func:`reward`, :func:`reward_fn`,
 :func:`build_tokenizer`, :func:`fact_tag`, :func:`classify_errors`, :func:`processbench_trace`, constants :data:`STEP_TEXT`, :data:`THINK`,
 :data:`END_THINK`, :data:`ERROR_TYPES`; the long task: :func:`make_long_problem`,
-:func:`long_teacher_trajectory`, :class:`DemoTask`, :data:`TASKS`, :func:`get_task`.
+:func:`long_teacher_trajectory`, :class:`DemoTask`, :data:`TASKS`, :func:`get_task`; the verify task:
+:func:`make_verify_problem`, :func:`verify_teacher_trajectory`, :func:`classify_verify_errors`,
+:func:`verify_step_labels`, :func:`verify_processbench_trace`, :func:`current_facts`, :data:`VERIFY_ERROR_TYPES`.
 Imports only the standard library at module level; ``transformers``/``tokenizers`` lazily.
 """
 
@@ -101,6 +113,18 @@ __all__ = [
     "DemoTask",
     "TASKS",
     "get_task",
+    "VERIFY_HOPS",
+    "VERIFY_TEACHER_ERROR_RATES",
+    "VERIFY_ERROR_TYPES",
+    "VerifyProblem",
+    "current_facts",
+    "make_verify_problem",
+    "verify_teacher_trajectory",
+    "format_verify_step",
+    "classify_verify_errors",
+    "verify_step_errors",
+    "verify_step_labels",
+    "verify_processbench_trace",
 ]
 
 NODES = "abcdefgh"
@@ -481,16 +505,20 @@ class DemoTask:
     """One task of the demo: how its problems are made and how its imperfect teacher errs.
 
     Attributes:
-        name: ``"short"`` (three steps, one trap node, errors concentrated on one wrong answer) or ``"long"``
-            (:data:`LONG_HOPS` steps, a stale fact at every node, errors compounding step after step).
+        name: ``"short"`` (three steps, one trap node, errors concentrated on one wrong answer), ``"long"``
+            (:data:`LONG_HOPS` steps, a stale fact at every node, errors compounding step after step) or ``"verify"``
+            (:data:`VERIFY_HOPS` steps, wrong steps written like right ones).
         hops: steps per trajectory.
         teacher_error_rates: what the teacher's ``rates`` argument means for this task: short, the probability of
             taking the trap's stale fact when it is listed (before, after) the current one; long, ``(e,)``, the
             probability of following a stale fact at each step.
         description: one line for reports and model cards.
         problem_factory: ``(uid, hops=...) -> problem`` (:func:`make_problem` or :func:`make_long_problem`).
-        teacher: ``(problem, rng, rates) -> (steps, final_node, errors)`` (:func:`teacher_trajectory` or
-            :func:`long_teacher_trajectory`).
+        teacher: ``(problem, rng, rates) -> (steps, final_node, errors)`` (:func:`teacher_trajectory`,
+            :func:`long_teacher_trajectory` or :func:`verify_teacher_trajectory`).
+        tokens_per_step: tokens of a well-formed step, the step token included.
+        error_types: the kinds of error :attr:`classify_errors` names, with what each is.
+        classify_errors: ``(problem, completion) -> [error type, ...]``.
     """
 
     name: str
@@ -499,6 +527,9 @@ class DemoTask:
     description: str
     problem_factory: Callable
     teacher: Callable
+    tokens_per_step: int = TOKENS_PER_STEP
+    error_types: dict = dataclasses.field(default_factory=lambda: ERROR_TYPES)
+    classify_errors: Callable = classify_errors
 
     def make_problem(self, uid: int):
         return self.problem_factory(uid, hops=self.hops)
@@ -514,8 +545,221 @@ class DemoTask:
 
     @property
     def completion_tokens(self) -> int:
-        """Tokens of a well-formed completion, EOS included: ``<think>``, 5 per step, ``</think>\\boxed{x}``, EOS."""
-        return 1 + TOKENS_PER_STEP * self.hops + 4 + 1
+        """Tokens of a well-formed completion, EOS included: ``<think>``, :attr:`tokens_per_step` per step (5, or 3
+        for the verify task), ``</think>\\boxed{x}``, EOS."""
+        return 1 + self.tokens_per_step * self.hops + 4 + 1
+
+
+# ---------------------------------------------------------------------------------------------- the verify task
+# Steps per trajectory of the verify task, and the teacher's probability of citing the trap's overridden fact when
+# its update is listed (right after it, further down).
+VERIFY_HOPS = 4
+VERIFY_TEACHER_ERROR_RATES = (0.25, 0.90)
+# Tokens of a verify-task step: the node (``c>``), the cited fact (``c:e``), the step token.
+VERIFY_TOKENS_PER_STEP = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyProblem:
+    """One problem of the verify task: facts listed with updates, the last-listed value of a node being the true one.
+
+    Attributes:
+        facts: listed facts in prompt order, each ``(key, ":", value)``; three nodes have two facts (the earlier one
+            overridden by the later one), every other node one.
+        start: start node.
+        hops: number of edges to follow (the number of steps).
+        answer: the correct end node (following the last-listed fact of every node).
+        trap_key: the chain node whose overridden fact the teacher sometimes cites.
+        trap_old: the trap's overridden value.
+        wrong_answer: where a trajectory that cites the trap's overridden fact (and is otherwise right) ends.
+        far: whether the trap's update is listed further down than right after its overridden fact (the teacher
+            then cites the overridden fact more often, :data:`VERIFY_TEACHER_ERROR_RATES`).
+        uid: integer seed that generated it (unique id).
+    """
+
+    facts: tuple
+    start: str
+    hops: int
+    answer: str
+    trap_key: str
+    trap_old: str
+    wrong_answer: str
+    far: bool
+    uid: int
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self)
+
+
+def current_facts(facts: Iterable[tuple]) -> dict:
+    """``{key: value}`` of the current facts: a listed ``x:y`` fact holds unless a later ``x:z`` overrides it (the
+    short and long tasks' ``x~y`` facts are never current)."""
+    current = {}
+    for key, sep, value in facts:
+        if sep == ":":
+            current[key] = value
+    return current
+
+
+def make_verify_problem(uid: int, hops: int = VERIFY_HOPS) -> VerifyProblem:
+    """Deterministically build verify-task problem number ``uid`` (its own ``random.Random``).
+
+    The current successor map is a random cycle over :data:`NODES`, listed as ``x:y`` facts in random order. Three
+    nodes also get an overridden fact ``x:z`` (``z`` random, neither ``x`` nor its successor) listed before their
+    current one, in the same form: the trap (a chain node, not the last one), the decoy (the chain's node after the
+    trap) and the node the trap's overridden fact points to (never on the chain before the trap): whichever fact the
+    trap's step cites, the next step is at a node with an update. The decoy's and the other node's update is listed
+    right after the overridden fact; the trap's is right after it or further down (``far``), with even odds. Which
+    fact of a node is current can only be told from the order. ``wrong_answer`` is where the sloppy teacher (:func:`verify_teacher_trajectory`) ends, never the answer.
+    """
+    if not 2 <= hops < len(NODES):
+        raise ValueError(f"hops must be in [2, {len(NODES) - 1}], got {hops}")
+    rng = random.Random(uid * 7919 + 29)
+    while True:
+        order = list(NODES)
+        rng.shuffle(order)
+        succ = _succ_map(order)
+        start = rng.choice(NODES)
+        chain = [start]
+        for _ in range(hops):
+            chain.append(succ[chain[-1]])
+        t = rng.randrange(hops - 1)
+        # the decoy is the chain's next node and the other updated node the trap's overridden value, so the step after
+        # the trap's is at an updated node on both paths
+        trap, decoy = chain[t], chain[t + 1]
+        other = rng.choice([n for n in NODES if n not in (*chain[: t + 1], decoy)])  # not on the chain before the trap
+        old = {k: rng.choice([n for n in NODES if n not in (k, succ[k])]) for k in (decoy, other)}
+        old[trap] = other
+        facts = [(k, ":", succ[k]) for k in NODES]
+        rng.shuffle(facts)
+        far = rng.random() < 0.5
+        for key in (trap, decoy, other):
+            position = next(i for i, f in enumerate(facts) if f == (key, ":", succ[key]))
+            if key == trap and far:  # at least one fact between the overridden fact and its update
+                if position == 0:  # move the update down first
+                    facts.insert(rng.randint(1, len(facts) - 1), facts.pop(0))
+                    position = next(i for i, f in enumerate(facts) if f == (key, ":", succ[key]))
+                facts.insert(rng.randint(0, position - 1), (key, ":", old[key]))
+            else:
+                facts.insert(position, (key, ":", old[key]))
+        node = start
+        for _ in range(hops):
+            node = old.get(node, succ[node])
+        if node != chain[-1]:
+            break
+    assert current_facts(facts) == succ
+    return VerifyProblem(tuple(facts), start, hops, chain[-1], trap, old[trap], node, far, uid)
+
+
+def verify_teacher_trajectory(p: VerifyProblem, rng: random.Random, rates: tuple = VERIFY_TEACHER_ERROR_RATES) -> tuple:
+    """Sample the verify task's teacher, careful or sloppy for the whole trajectory: sloppy with probability
+    ``rates[1]`` when the trap's update is listed further down than right after its overridden fact, ``rates[0]`` when
+    right after. A careful teacher cites the current fact at every step; a sloppy one cites the overridden fact at
+    every node with an update, the trap first (so a policy that imitates it has to know, at a later updated node,
+    whether it already cited an overridden fact). Returns ``(steps, final_node, sloppy)``; ``rates=(0, 0)`` is the
+    perfect teacher."""
+    current = current_facts(p.facts)
+    overridden = {}
+    for key, _, value in p.facts:
+        if key not in overridden and value != current[key]:
+            overridden[key] = value
+    sloppy = rng.random() < rates[1 if p.far else 0]
+    node, steps = p.start, []
+    for _ in range(p.hops):
+        fact = (node, ":", overridden[node] if sloppy and node in overridden else current[node])
+        steps.append(format_verify_step(node, fact))
+        node = fact[2]
+    return steps, node, sloppy
+
+
+def format_verify_step(node: str, fact: tuple) -> str:
+    """``"c>c:e"``: at ``node``, cite ``fact``; a right and a wrong step look alike (both cite a listed fact)."""
+    return f"{node}>{''.join(fact)}"
+
+
+VERIFY_ERROR_TYPES = {
+    "overridden": "cites its node's overridden fact, written like the current one (the teacher's designed error)",
+    **{e: ERROR_TYPES[e] for e in ("misread", "jump", "hops", "answer", "format")},
+}
+
+_VERIFY_STEP_RE = re.compile(r"([a-h])>([a-h]):([a-h])")
+
+
+def verify_step_errors(p: VerifyProblem, completion: str) -> tuple:
+    """Parse ``completion``'s steps against ``p``: ``(per-step error or None, trajectory-level errors)``.
+
+    A step's error is ``"format"``, ``"jump"``, ``"misread"`` or ``"overridden"`` (the first that applies, in that
+    order), ``None`` when it cites its node's current fact from the node the previous step ended on; the
+    trajectory-level errors are the :data:`VERIFY_ERROR_TYPES` found beyond the steps (``hops``, ``answer``,
+    ``format``). ``([], ["format"])`` when there is no think span.
+    """
+    if not completion.startswith(THINK) or END_THINK not in completion:
+        return [], ["format"]
+    current, listed = current_facts(p.facts), set(p.facts)
+    body = completion[len(THINK) :].split(END_THINK, 1)[0]
+    *steps, rest = body.split(STEP_TEXT)
+    found, per_step, node = set(), [], p.start
+    if rest:
+        found.add("format")
+    for text in steps:
+        match = _VERIFY_STEP_RE.fullmatch(text)
+        if match is None:
+            per_step.append("format")
+            continue
+        at, key, value = match.groups()
+        if at != node:
+            per_step.append("jump")
+        elif key != at or (key, ":", value) not in listed:
+            per_step.append("misread")
+        elif value != current[key]:
+            per_step.append("overridden")
+        else:
+            per_step.append(None)
+        node = value
+    if len(steps) != p.hops:
+        found.add("hops")
+    if extract_answer(completion) != node:
+        found.add("answer")
+    return per_step, [e for e in VERIFY_ERROR_TYPES if e in found]
+
+
+def classify_verify_errors(p: VerifyProblem, completion: str) -> list:
+    """The error types (keys of :data:`VERIFY_ERROR_TYPES`) ``completion`` contains, each once, in that order; empty
+    for a well-formed trajectory that cites the current fact at every step (hence a correct answer)."""
+    per_step, rest = verify_step_errors(p, completion)
+    found = {e for e in per_step if e} | set(rest)
+    return [e for e in VERIFY_ERROR_TYPES if e in found]
+
+
+def verify_step_labels(p: VerifyProblem, completion: str) -> list:
+    """Per-step labels up to the first wrong step, ProcessBench's way: ``[(step_text, right), ...]`` with every step
+    before the first wrong one (``right=True``) and that one (``False``); the steps after it are left out."""
+    per_step, _ = verify_step_errors(p, completion)
+    body = completion[len(THINK) :].split(END_THINK, 1)[0]
+    labels = []
+    for text, error in zip(body.split(STEP_TEXT), per_step):
+        labels.append((text, error is None))
+        if error is not None:
+            break
+    return labels
+
+
+def verify_processbench_trace(p: VerifyProblem, erroneous: bool) -> dict:
+    """A ProcessBench-format row for ``p``: the perfect teacher's steps (each ending with a full stop, so that
+    ``"\\n\\n".join`` writes the step token), then the boxed answer; ``erroneous=True`` cites the trap's overridden fact
+    and continues correctly from there, so the first wrong paragraph (``label``) is the trap's hop, else ``-1``."""
+    current = current_facts(p.facts)
+    node, steps, label = p.start, [], -1
+    for hop in range(p.hops):
+        if erroneous and node == p.trap_key and label == -1:
+            fact, label = (node, ":", p.trap_old), hop
+        else:
+            fact = (node, ":", current[node])
+        steps.append(format_verify_step(node, fact) + ".")
+        node = fact[2]
+    steps.append(f"{BOX_OPEN}{node}{BOX_CLOSE}")
+    return {"id": f"verify-{p.uid}-{int(erroneous)}", "problem": p.prompt + THINK, "steps": steps, "label": label}
 
 
 TASKS = {
@@ -536,8 +780,20 @@ TASKS = {
         make_long_problem,
         long_teacher_trajectory,
     ),
+    "verify": DemoTask(
+        "verify",
+        VERIFY_HOPS,
+        VERIFY_TEACHER_ERROR_RATES,
+        f"fact-update pointer chase: {VERIFY_HOPS} steps, the last-listed fact of a node is the true one and a wrong "
+        "step cites an overridden fact written in the same form",
+        make_verify_problem,
+        verify_teacher_trajectory,
+        tokens_per_step=VERIFY_TOKENS_PER_STEP,
+        error_types=VERIFY_ERROR_TYPES,
+        classify_errors=classify_verify_errors,
+    ),
 }
-"""The demo's tasks by name (``metastone demo --task short|long``)."""
+"""The demo's tasks by name (``metastone demo --task short|long|verify``)."""
 
 
 def get_task(name: str = "short", hops: int | None = None) -> DemoTask:
