@@ -343,3 +343,45 @@ def test_the_main_process_waits_for_a_slow_process_that_keeps_writing(tmp_path, 
     finally:
         worker.join()
     assert time.monotonic() - start >= 2.0
+
+
+def test_the_report_counts_decode_steps_a_hook_on_the_backbone_sees(checkpoint, questions, capsys):
+    """Per-record decode counts add up to the backbone forwards that decode one token per row, counted here with a
+    hook of the test's own, and the report's throughput line shows them with the occupancy."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from metastone_hf import MetaStoneForCausalLMWithSPRM
+    from metastone_hf.eval_runner import question_records
+    from metastone_hf.evaluation import build_prompt_builder, format_table, load_eval_examples, summarize_records
+
+    model = MetaStoneForCausalLMWithSPRM.from_pretrained(checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    examples = load_eval_examples(questions)
+    protocol = dataclasses.replace(EVAL_PROTOCOLS["paper"], max_new_tokens=16)
+    plan = EvalPlan(protocol, 4, {"low": 2, "medium": 4}, ("best_of_n", "beam"), beam_width=2)
+    seen = {"steps": 0, "rows": 0}
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            seen["steps"] += 1
+            seen["rows"] += ids.shape[0]
+
+    handle = model.model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        records = list(question_records(model, tokenizer, examples, range(len(examples)), plan,
+                                        prompt_builder=build_prompt_builder(tokenizer, model), batch_size=2,
+                                        progress_bar=False))  # fmt: skip
+    finally:
+        handle.remove()
+    assert sum(r["decode"]["steps"] for r in records) == pytest.approx(seen["steps"])
+    assert sum(r["decode"]["rows"] for r in records) == pytest.approx(seen["rows"])
+    for r in records:
+        r.update(run_id="x", rank=0)
+    (row,) = summarize_records(records, plan.budgets)["throughput"]
+    assert row["decode_steps"] == seen["steps"] and row["rows_decoded"] == seen["rows"]
+    assert 0 < row["occupancy"] <= 1.5  # beam search may briefly decode above capacity (parked survivors rejoin)
+    table = format_table(summarize_records(records, plan.budgets))
+    assert f"{seen['steps']} decode steps, {seen['rows']} rows, occupancy {row['occupancy']:.2f}" in table

@@ -376,7 +376,9 @@ def chosen_correct(run: Mapping[str, Any]) -> bool:
 
 
 def throughput(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per process of each run that wrote records: questions, seconds, tokens generated, tokens/s, peak memory."""
+    """Per process of each run that wrote records: questions, seconds, tokens generated, tokens/s, peak memory, and
+    the decode steps (backbone forwards that decode a token per row), the rows they decoded and the mean occupancy
+    (rows per decode step / the capacity in rows), for records that count them."""
     groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for record in records:
         groups.setdefault((str(record.get("run_id")), int(record.get("rank", 0))), []).append(record)
@@ -384,8 +386,15 @@ def throughput(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (run_id, rank), members in sorted(groups.items()):
         seconds = float(sum(r["seconds"] for r in members))
         tokens = int(sum(run["tokens_generated"] for r in members for run in r["results"].values()))
+        counted = [r["decode"] for r in members if r.get("decode")]
+        steps = sum(d["steps"] for d in counted)
+        decoded = sum(d["rows"] for d in counted)
+        slots = sum(d["steps"] * d["capacity"] for d in counted)
         rows.append(
             {
+                "decode_steps": round(steps) if counted else None,
+                "rows_decoded": round(decoded) if counted else None,
+                "occupancy": decoded / slots if slots else None,
                 "run_id": run_id,
                 "rank": rank,
                 "questions": len(members),
@@ -495,6 +504,11 @@ def format_table(summary: dict[str, Any]) -> str:
             f"process {row['rank']} (run {row['run_id']}): {row['questions']} questions in {row['seconds']:.1f} s, "
             f"{row['tokens_generated']} tokens, {row['tokens_per_second']:.1f} tokens/s, "
             f"peak memory {row['peak_memory_bytes'] / 2**20:.0f} MiB"
+            + (
+                f"; {row['decode_steps']} decode steps, {row['rows_decoded']} rows, occupancy {row['occupancy']:.2f}"
+                if row.get("occupancy") is not None
+                else ""
+            )
         )
     unparsable = (summary.get("unparsable_golds") or {}).get("count", 0)
     if unparsable:
