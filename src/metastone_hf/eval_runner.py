@@ -216,6 +216,7 @@ def question_records(
     from .selection_metastone import extract_boxed_answer
 
     extractor = answer_extractor or extract_boxed_answer
+    device = execution_device(model)  # walks the modules: once, not per record
     settings = plan.protocol
     batch_size = batch_size or default_batch_size(plan.samples)
     runs = plan.runs()
@@ -233,7 +234,7 @@ def question_records(
                 padding=True,
                 add_special_tokens=False,
             )
-            inputs = {k: v.to(execution_device(model)) for k, v in inputs.items()}
+            inputs = {k: v.to(device) for k, v in inputs.items()}
             prompt_length = inputs["input_ids"].shape[1]
             # math-verify must parse a gold answer for the default grader; a grader of the caller's judges every gold.
             golds = [grader is not grade_answer or parse_gold(examples[i].answer) is not None for i in chunk]
@@ -292,7 +293,7 @@ def question_records(
                             "results": results[c],
                             "seconds": (now - last_time) * share,
                             "decode": {"steps": steps * share, "rows": rows * share, "capacity": capacity},
-                            "peak_memory_bytes": _peak_memory_bytes(execution_device(model)),
+                            "peak_memory_bytes": _peak_memory_bytes(device),
                         }
                         results[c] = {}
                     bar.update(ready - emitted)
