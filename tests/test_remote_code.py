@@ -24,6 +24,7 @@ REMOTE_CODE_SET = (
     "selection_metastone.py",
     "search_rows_metastone.py",
     "pruning_metastone.py",
+    "adaptive_metastone.py",
     "search_output_metastone.py",
     "search_tree_metastone.py",
     "generation_metastone.py",

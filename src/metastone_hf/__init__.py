@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_metastone import MetaStoneConfig
-from .generation_metastone import SearchConfig, search_generate
+from .generation_metastone import AdaptiveConfig, SearchConfig, search_generate
 from .modeling_metastone import (
     MetaStoneCausalLMOutputWithPast,
     MetaStoneForCausalLMWithSPRM,
@@ -23,6 +23,7 @@ AutoModelForCausalLM.register(MetaStoneConfig, MetaStoneForCausalLMWithSPRM, exi
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveConfig",
     "MetaStoneCausalLMOutputWithPast",
     "MetaStoneConfig",
     "MetaStoneForCausalLMWithSPRM",

@@ -42,6 +42,7 @@ from transformers import (
     StopStringCriteria,
 )
 
+from .adaptive_metastone import AdaptiveConfig
 from .pruning_metastone import Pruning
 from .sampling_metastone import check_prompt_seeds
 from .scoring_metastone import check_token_batch, eval_mode, execution_device
@@ -137,6 +138,20 @@ class SearchConfig:
         stream: return an iterator of ``(prompt index, SearchOutput of that prompt alone)``, yielded as each prompt
             finishes (in any order), instead of one output for the batch. With per-prompt seeds, each is exactly
             what a call with that prompt alone returns (up to its left padding).
+        adaptive: Best-of-N only, opt-in (default ``None``: plain Best-of-N, sample for sample): adaptive test-time
+            compute, DeepConf's online mode with the SPRM step scores (or token confidence) as the signal. An
+            [`AdaptiveConfig`], a dict of its fields, or a signal name (``"sprm"``, ``"confidence"``). Per prompt the
+            first ``warmup`` candidates run to their end and set a threshold (the ``100 - keep_percent`` percentile
+            of their statistic, the lowest sliding-window mean of the signal: of the SPRM log step scores, default
+            window 1 step, i.e. the worst step; or of DeepConf's token confidence); later candidates stop the moment
+            their statistic falls below it (returned flagged ``pruned``, never chosen while one finished), and the
+            prompt stops admitting candidates once its consensus (signal-weighted vote share, or the best trajectory
+            score) reaches ``consensus``. N (``num_candidates``) is the most candidates a prompt may use; the output
+            reports ``used``, ``adaptive_statistic``, ``adaptive_threshold`` and ``prompt_decode_steps``. With the
+            confidence signal the selection ranks (``"sprm"``) or weighs (``"sprm_vote"``) candidates by their
+            confidence statistic instead of the SPRM score: no verifier anywhere, as DeepConf. Samples differ from
+            plain Best-of-N's (candidates start in waves); with per-prompt seeds they do not depend on the other
+            prompts of the call. See ``docs/generation-and-search.md`` ("Adaptive compute").
     """
 
     search: str = "best_of_n"
@@ -154,6 +169,7 @@ class SearchConfig:
     seed: int | Sequence[int] | None = None
     max_active_rows: int | None = None
     stream: bool = False
+    adaptive: AdaptiveConfig | dict | str | None = None
 
     def resolved(self, presets: dict[str, int]) -> SearchConfig:
         """This config checked, with N (``num_candidates``) and M (``beam_width``) filled in.
@@ -183,7 +199,14 @@ class SearchConfig:
                 raise ValueError(f"`prune_top_k` must be an int >= 1, got {self.prune_top_k!r}.")
             if not isinstance(self.prune_min_steps, int) or self.prune_min_steps < 1:
                 raise ValueError(f"`prune_min_steps` must be an int >= 1, got {self.prune_min_steps!r}.")
+            adaptive = AdaptiveConfig.from_value(self.adaptive)
+            if adaptive is not None:
+                adaptive.checked(n)
+                if self.prune_threshold is not None or self.prune_top_k is not None or not self.remove_stopped_rows:
+                    raise ValueError("`adaptive` cannot be combined with pruning or `remove_stopped_rows=False`.")
         else:
+            if self.adaptive is not None:
+                raise ValueError("`adaptive` applies to `search='best_of_n'` only.")
             if self.prune_threshold is not None or self.prune_top_k is not None or not self.remove_stopped_rows:
                 raise ValueError("Pruning options and `remove_stopped_rows=False` apply to `search='best_of_n'` only.")
             width = default_beam_width(self.search, n) if width is None else width
@@ -200,6 +223,7 @@ class SearchConfig:
             reasoning_effort=None,
             beam_width=width,
             remove_stopped_rows=bool(self.remove_stopped_rows),
+            adaptive=AdaptiveConfig.from_value(self.adaptive),
         )
 
 
@@ -265,6 +289,9 @@ def best_of_n(
     config = _config_for(model, search_config, "best_of_n")
     search = _engine(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, config)
     search.pruning = Pruning(config.prune_threshold, config.prune_top_k, config.prune_min_steps)
+    if config.adaptive is not None:  # opt-in; plain Best-of-N below is untouched
+        search.enable_adaptive(config.adaptive, answer_tokenizer, config.answer_extractor)
+        return _outputs(search, search.run_adaptive(config.max_active_rows), "best_of_n", config, answer_tokenizer)
     return _outputs(search, search.run(capacity=config.max_active_rows), "best_of_n", config, answer_tokenizer)
 
 
@@ -429,6 +456,17 @@ def search_generate(
         raise ValueError(
             f"`selection={config.selection!r}` votes on answers: pass `tokenizer=` to decode the candidates."
         )
+    adaptive = config.adaptive
+    if (
+        adaptive is not None
+        and adaptive.consensus is not None
+        and adaptive.consensus_by == "vote"
+        and tokenizer is None
+    ):
+        raise ValueError(
+            "`adaptive` with `consensus_by='vote'` reads the candidates' answers: pass `tokenizer=`, or use "
+            "`consensus_by='score'` or `consensus=None`."
+        )
     if generation_config.stop_strings:
         if tokenizer is None:
             raise ValueError("`stop_strings` need the model's tokenizer: pass `tokenizer=` to `generate`.")
@@ -461,6 +499,7 @@ def _streamed(model: Any, outputs: Iterator[Any], seed: int | None) -> Iterator[
 
 __all__ = [
     "BEAM_WIDTH_MEANING",
+    "AdaptiveConfig",
     "RANKINGS",
     "SEARCHES",
     "SEARCH_STRATEGIES",

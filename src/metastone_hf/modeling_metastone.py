@@ -378,6 +378,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
         remove_stopped_rows: bool | None = None,
         progress_bar: bool | None = None,
         seed: int | None = None,
+        adaptive: Any | None = None,
         **kwargs: Any,
     ) -> Any:
         r"""transformers' ``generate``, plus test-time search guided by the SPRM head (Best-of-N, beam, DVTS).
@@ -400,6 +401,8 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             remove_stopped_rows: stopped rows leave the batch and the cache (default True).
             progress_bar: tqdm bar over sampled tokens (default off, like transformers' ``generate``).
             seed: seed this call's sampling (the caller's RNG state is restored).
+            adaptive: opt-in adaptive compute for Best-of-N (``AdaptiveConfig``, a dict of its fields, or
+                ``"sprm"`` / ``"confidence"``): warm-up threshold, early stopping, consensus.
         """
         options = {
             "beam_width": beam_width,
@@ -412,6 +415,7 @@ class MetaStoneForCausalLMWithSPRM(MetaStonePreTrainedModel, GenerationMixin):
             "remove_stopped_rows": remove_stopped_rows,
             "progress_bar": progress_bar,
             "seed": seed,
+            "adaptive": adaptive,
         }
         options = {name: value for name, value in options.items() if value is not None}
         if search is None and reasoning_effort is None and num_candidates is None:

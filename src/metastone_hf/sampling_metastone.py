@@ -36,11 +36,21 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers.generation.logits_process import (
     ClassifierFreeGuidanceLogitsProcessor,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    MinPLogitsWarper,
     PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SynthIDTextWatermarkLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
     UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
+
+TRUNCATING_WARPERS = (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper, EpsilonLogitsWarper,
+                      EtaLogitsWarper)  # fmt: skip
+"""Warpers that cut the vocabulary's tail (to ``-inf``): left out of the distribution token confidence reads."""
 
 _REFUSED: dict[type, str] = {
     SynthIDTextWatermarkLogitsProcessor: "SynthID watermarking keeps per-row state across calls (`watermarking_config`)",
@@ -156,7 +166,8 @@ class RowwiseSampler:
         generated: torch.Tensor,
         alive: torch.Tensor,
         step: int | None = None,
-    ) -> torch.Tensor:
+        untruncated: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The processed next-token logits of the live rows (a dead row's are returned as they came).
 
         Args:
@@ -167,20 +178,28 @@ class RowwiseSampler:
             alive: ``[R]`` rows still decoding.
             step: the tokens given to every live row so far, when the caller keeps count (rows that are the same
                 tensors as at the last call, one token longer per step, are then grouped without a host sync).
+            untruncated: also return the logits as they were before the first truncating warper
+                ([`TRUNCATING_WARPERS`]: top-k, top-p, min-p, ...), every other processor applied (adaptive compute's
+                token confidence reads them); returns ``(processed, untruncated)``.
         """
         if not self.processors:
-            return logits
-        out = logits
+            return (logits, logits) if untruncated else logits
+        out, before = logits, logits
         for index, view, prompts in self._views(tokens, prompt, generated, alive, step):
             scores = logits if index is None else logits[index]
+            kept = None
             for processor in self.processors:
+                if kept is None and isinstance(processor, TRUNCATING_WARPERS):
+                    kept = scores
                 scores = _for_rows(processor, prompts)(view, scores)
+            kept = scores if kept is None else kept
             if index is None:
-                return scores
+                return (scores, kept) if untruncated else scores
             if out is logits:
-                out = logits.clone()
+                out, before = logits.clone(), logits.clone()
             out[index] = scores
-        return out
+            before[index] = kept
+        return (out, before) if untruncated else out
 
     def stopped(
         self,

@@ -10,6 +10,8 @@ and its sibling scoring, selection and rows files.
 
 from __future__ import annotations
 
+import math
+from array import array
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .scoring_metastone import build_sprm_scores
-from .search_rows_metastone import FinishedTrajectory
+from .search_rows_metastone import FinishedTrajectory, StepRecords
 from .selection_metastone import (
     AnswerExtractor,
     SelectionStrategy,
@@ -92,6 +94,15 @@ class SearchOutput(ModelOutput):
         tokens_generated: tokens sampled in all, every branch included (dropped ones too).
         tokens_processed: token positions the backbone processed: the prompts once, then each sampled token at most
             once.
+        used: ``[B, N]`` adaptive compute only (``None`` otherwise): the candidates that were sampled; a prompt that
+            reached its consensus early leaves the rest unused (empty, score 0, never chosen).
+            ``used.sum(1)`` is the candidates each prompt used, ``num_generated_tokens.sum(1)`` its generated tokens
+            (stopped candidates included).
+        adaptive_statistic: ``[B, N]`` adaptive compute only: each candidate's statistic of the signal when it ended
+            (lowest sliding-window mean; NaN for unused candidates). ``pruned`` flags the candidates stopped early.
+        adaptive_threshold: ``[B]`` adaptive compute only: each prompt's stopping threshold, from its warm-up
+            candidates (``-inf``: none).
+        prompt_decode_steps: ``[B]`` adaptive compute only: decode steps in which the prompt had a candidate decoding.
     """
 
     sequences: torch.LongTensor | None = None
@@ -113,6 +124,10 @@ class SearchOutput(ModelOutput):
     candidate_nodes: torch.LongTensor | None = None
     tokens_generated: int | None = None
     tokens_processed: int | None = None
+    used: torch.BoolTensor | None = None
+    adaptive_statistic: torch.FloatTensor | None = None
+    adaptive_threshold: torch.FloatTensor | None = None
+    prompt_decode_steps: torch.LongTensor | None = None
 
 
 def build_search_output(
@@ -130,6 +145,7 @@ def build_search_output(
     tokenizer: Any | None = None,
     tokens_generated: int = 0,
     tokens_processed: int = 0,
+    adaptive: dict[str, Any] | None = None,
 ) -> SearchOutput:
     """The first N finished trajectories of each prompt, scored with THE step mask, and the selected one.
 
@@ -141,6 +157,9 @@ def build_search_output(
         selection / answer_extractor / tokenizer: the selection rule; voting decodes the completions with
             ``tokenizer`` and reads their answers with ``answer_extractor``.
         tokens_generated / tokens_processed: the search's token accounting, returned as is.
+        adaptive: adaptive compute's per-prompt ``threshold`` and ``decode_steps`` lists (and whether the candidates'
+            statistics replace the SPRM scores in the selection: the confidence signal); a prompt may then have fewer
+            than N candidates, the missing ones returned empty and unused.
     """
     strategy, needs_answers = resolve_selection(selection)
     if callable(selection) and tokenizer is not None:
@@ -150,6 +169,17 @@ def build_search_output(
     for f in sorted(finished, key=lambda f: f.order):
         per_prompt[f.prompt].append(f)
     for prompt, trajectories in enumerate(per_prompt):
+        if adaptive is not None and 0 < len(trajectories) < n:  # unused candidates: empty, never chosen
+            empty = prompt_ids.new_zeros(0)
+            records = trajectories[0].records  # the prompt's own steps are recorded with every candidate
+            kept = [i for i, position in enumerate(records.positions) if position < prompt_length]
+            prompt_records = StepRecords(
+                array("q", [records.positions[i] for i in kept]), array("f", [records.logits[i] for i in kept])
+            )
+            trajectories += [
+                FinishedTrajectory(prompt, -1, (-1, -1), empty, prompt_records.copy(), math.nan, 0, True)
+                for _ in range(n - len(trajectories))
+            ]
         if len(trajectories) < n:
             raise RuntimeError(f"Internal error: prompt {prompt} finished {len(trajectories)} of {n} candidates.")
         for f in trajectories[n:]:
@@ -182,10 +212,18 @@ def build_search_output(
         flat = decode_answers(tokenizer, sequences, mask, prompt_length, answer_extractor or extract_boxed_answer)
         answers = [flat[b * n : (b + 1) * n] for b in range(batch)]
     pruned = torch.tensor([f.pruned for f in chosen_trajectories], device=device)
+    used = [f.node >= 0 for f in chosen_trajectories]
+    statistic = torch.tensor([f.statistic for f in chosen_trajectories], dtype=torch.float64, device=device)
+    if adaptive is not None and adaptive.get("weights_are_statistics"):
+        ranking_scores = statistic.view(batch, n).nan_to_num(nan=-math.inf)  # the confidence signal: no verifier
     chosen = []
     for b in range(batch):
         # Pruned candidates never finished: returned, but neither win nor vote, unless all of them were pruned.
-        finished_here = [j for j in range(n) if not bool(pruned[b * n + j])] or list(range(n))
+        mine = [j for j in range(n) if used[b * n + j]]
+        finished_here = [j for j in mine if not bool(pruned[b * n + j])] or mine
+        if adaptive is not None and adaptive.get("weights_are_statistics"):  # DeepConf: warm-up below the bar out
+            bar = adaptive["threshold"][b]
+            finished_here = [j for j in finished_here if float(statistic[b * n + j]) >= bar] or finished_here
         pick = int(
             strategy(
                 ranking_scores[b, finished_here],
@@ -222,6 +260,16 @@ def build_search_output(
         candidate_nodes=torch.tensor([f.node for f in chosen_trajectories], device=device).view(batch, n),
         tokens_generated=tokens_generated,
         tokens_processed=tokens_processed,
+        **(
+            {}
+            if adaptive is None
+            else {
+                "used": torch.tensor(used, device=device).view(batch, n),
+                "adaptive_statistic": statistic.float().view(batch, n),
+                "adaptive_threshold": torch.tensor(adaptive["threshold"], device=device),
+                "prompt_decode_steps": torch.tensor(adaptive["decode_steps"], device=device),
+            }
+        ),
     )
 
 

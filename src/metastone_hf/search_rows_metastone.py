@@ -12,6 +12,7 @@ This file is part of the remote-code set copied into saved checkpoints: it impor
 
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,8 @@ class SearchRows:
     seen_end: torch.Tensor
     records: list[StepRecords]
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Adaptive compute only: each row's running statistic and threshold (`adaptive_metastone.SignalState`).
+    signal: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -93,7 +96,8 @@ class SearchRows:
         """Rows ``index`` (repeats allowed); a repeated row's records are copied, not shared."""
         picked = {name: getattr(self, name)[index] for name in _ROW_TENSORS}
         kv = None if self.kv is None else [(k[index], v[index]) for k, v in self.kv]
-        return SearchRows(**picked, records=[self.records[i].copy() for i in index.tolist()], kv=kv)
+        signal = None if self.signal is None else self.signal[index]
+        return SearchRows(**picked, records=[self.records[i].copy() for i in index.tolist()], kv=kv, signal=signal)
 
     def park(self, index: torch.Tensor, cache: DynamicCache, rule: Any) -> SearchRows:
         """Rows ``index`` of the live batch, taken out with their KV cache and their step-rule state.
@@ -127,7 +131,8 @@ class SearchRows:
             )
             for layer in range(len(parts[0].kv))
         ]
-        return SearchRows(**merged, records=[r for p in parts for r in p.records], kv=kv)
+        signal = None if any(p.signal is None for p in parts) else torch.cat([p.signal for p in parts])
+        return SearchRows(**merged, records=[r for p in parts for r in p.records], kv=kv, signal=signal)
 
     def resume(self, config: Any, rule: Any) -> DynamicCache:
         """Make these parked rows live again: their cache becomes one ``DynamicCache``, their state the rule's."""
@@ -157,6 +162,7 @@ class FinishedTrajectory:
     log_score: float  # running log score when it stopped (THE mask applied to it); only kept when pruning
     num_steps: int
     pruned: bool = False
+    statistic: float = math.nan  # adaptive compute: the signal's statistic when it stopped (see adaptive_metastone)
 
 
 __all__ = ["FinishedTrajectory", "SearchRows", "StepRecords"]

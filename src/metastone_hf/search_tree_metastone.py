@@ -39,12 +39,13 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, St
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.utils.logging import tqdm
 
+from .adaptive_metastone import AdaptiveConfig, PromptProgress, SignalState, percentile, token_confidence, vote_share
 from .pruning_metastone import Pruning
 from .sampling_metastone import RowwiseSampler
 from .scoring_metastone import IncrementalStepRule, sprm_score_mask, sprm_step_token_mask
 from .search_output_metastone import SearchNode, SearchOutput, build_search_output
 from .search_rows_metastone import FinishedTrajectory, SearchRows, StepRecords
-from .selection_metastone import AnswerExtractor, SelectionStrategy, rankable_scores
+from .selection_metastone import AnswerExtractor, SelectionStrategy, extract_boxed_answer, rankable_scores
 
 
 class StepSearch:
@@ -138,6 +139,23 @@ class StepSearch:
         self.rows = SearchRows.empty(input_ids, self.rule)
         self.alive = self.alive[:0]
         self.admitted = 0  # prompts 0 .. admitted - 1 have been prefilled
+        # Adaptive compute (Best-of-N only; `enable_adaptive`): off by default, and then nothing below runs.
+        self.adaptive: AdaptiveConfig | None = None
+        self.signal_state: SignalState | None = None
+
+    def enable_adaptive(
+        self, config: AdaptiveConfig, tokenizer: Any | None = None, answer_extractor: AnswerExtractor | None = None
+    ) -> None:
+        """Turn on adaptive compute ([`AdaptiveConfig`]): run with [`run_adaptive`]."""
+        self.adaptive = config
+        self.signal_state = SignalState(config.window_size)
+        self.progress_of = [PromptProgress() for _ in range(self.batch)]
+        self.roots: dict[int, SearchRows] = {}  # each running prompt's row (its prompt, prefilled), with its cache
+        self.answer_tokenizer = tokenizer
+        self.answer_extractor = answer_extractor or extract_boxed_answer
+        self._ended: list[FinishedTrajectory] = []  # trajectories ended since the loop last looked
+        self._cancel: list[int] = []  # prompts whose running candidates stop in the next step (consensus)
+        self._answers: dict[int, Any] = {}
 
     # -------------------------------------------------------------- prompts
     def _prefill(self, prompts: torch.Tensor, cache: DynamicCache) -> SearchRows:
@@ -178,7 +196,7 @@ class StepSearch:
             tokens=ids, mask=mask, prompt=prompts.clone(), group=zeros, node=zeros.clone(),
             slot=prompts * self.n, generated=zeros.clone(), offset=zeros.clone(),
             last_logit=last_logit, previous=previous[prompts], seen_end=seen_end[prompts],
-            records=records,
+            records=records, signal=None if self.signal_state is None else self.signal_state.fresh(batch, device),
         )  # fmt: skip
 
     # -------------------------------------------------------------- forward and sampling
@@ -210,7 +228,14 @@ class StepSearch:
         rows = self.rows
         # Every live row takes one token per step: the sampler groups rows by length once per set of rows.
         step = self.decode_steps if self.remove_stopped_rows else None
-        processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive, step)
+        confidence = None
+        if self.adaptive is not None and self.adaptive.signal == "confidence":
+            processed, untruncated = self.sampler.process(
+                rows.tokens, logits, rows.prompt, rows.generated, self.alive, step, untruncated=True
+            )
+            confidence = token_confidence(untruncated, self.adaptive.confidence_top_k)
+        else:
+            processed = self.sampler.process(rows.tokens, logits, rows.prompt, rows.generated, self.alive, step)
         probs = F.softmax(processed, dim=-1)
         new_tokens = self.sampler.sample(probs, rows.slot, rows.prompt, self.slots_per_prompt, self.alive)
         if not self.remove_stopped_rows:
@@ -227,6 +252,12 @@ class StepSearch:
         candidate, counts = self.rule.update(new_tokens)
         candidate &= self.alive
         counts &= self.alive
+        if self.signal_state is not None:  # the running statistics, on the device (no host sync)
+            if confidence is not None:
+                values, take = confidence, self.alive
+            else:
+                values, take = F.logsigmoid(self.model.sprm_logits_from_features(features).float().reshape(-1)), counts
+            rows.signal = self.signal_state.update(rows.signal, values, take)
 
         def record() -> None:
             steps = candidate.nonzero().flatten()
@@ -275,6 +306,15 @@ class StepSearch:
                 pruned = self.pruning.rows_to_prune(
                     rows.prompt, rows.slot, scores, running=self.alive & ~ended, finishing=ended, finished=self.finished
                 )
+        if self.signal_state is not None:
+            # Adaptive early stopping: a candidate below its prompt's threshold (warm-up candidates have -inf), or a
+            # running one of a prompt that reached its consensus. Decided on the device, read in the sync below.
+            final = (ended | cut) & self.alive
+            pruned = self.signal_state.below(rows.signal, final) & self.alive
+            if self._cancel:
+                cancel = torch.tensor(self._cancel, dtype=rows.prompt.dtype, device=rows.prompt.device)
+                pruned |= torch.isin(rows.prompt, cancel) & self.alive & ~final
+                self._cancel = []
         done = (ended | cut) & ~pruned
         parked = at_step & self.alive & ~done & ~pruned
         stopped = done | pruned | parked
@@ -289,11 +329,20 @@ class StepSearch:
             return
         # One host sync for the bookkeeping of the rows that stopped.
         columns = [done, pruned, parked, rows.generated, rows.prompt, rows.node, rows.slot, rows.group, self.alive]
-        host = list(zip(*torch.stack([c.long() for c in columns]).tolist()))
+        statistics = None
+        if self.signal_state is None:
+            host = list(zip(*torch.stack([c.long() for c in columns]).tolist()))
+        else:  # the same one read, with each row's statistic and running score (float64 holds the ints exactly)
+            scores = self.running_log_scores(rows)
+            extra = [self.signal_state.statistic(rows.signal), scores[0], scores[1]]
+            table = torch.stack([c.double() for c in columns + extra]).tolist()
+            host = list(zip(*(map(int, column) for column in table[: len(columns)])))
+            statistics, scores = table[len(columns)], (table[len(columns) + 1], table[len(columns) + 2])
         self._live_units = {(row[4], row[7]) for row in host if row[8] and not any(row[:3])}
         for i, (is_done, is_pruned, _, generated, prompt, node, slot, _, _) in enumerate(host):
             if is_done or is_pruned:
-                self._retire(i, bool(is_pruned), scores, generated, prompt, node, slot)
+                statistic = math.nan if statistics is None else statistics[i]
+                self._retire(i, bool(is_pruned), scores, generated, prompt, node, slot, statistic)
         parked_rows = [i for i, row in enumerate(host) if row[2]]
         if parked_rows:
             self._park(torch.tensor(parked_rows, device=stopped.device), [host[i] for i in parked_rows])
@@ -316,6 +365,7 @@ class StepSearch:
         prompt: int,
         node: int,
         slot: int,
+        statistic: float = math.nan,
     ) -> None:
         """Move row ``i`` (``generated`` tokens, ``prompt``, ``node``, ``slot``, read on the host) to the finished
         trajectories (with its running score when pruning needs it)."""
@@ -332,8 +382,11 @@ class StepSearch:
                 log_score=float(scores[0][i]) if scores is not None else math.nan,
                 num_steps=int(scores[1][i]) if scores is not None else 0,
                 pruned=pruned,
+                statistic=statistic,
             )
         )
+        if self.adaptive is not None:
+            self._ended.append(self.finished[-1])
 
     def _park(self, index: torch.Tensor, host: list[tuple[int, ...]]) -> None:
         """Take rows that reached a step out of the batch, with their cache, until the round's selection.
@@ -358,7 +411,14 @@ class StepSearch:
         """
         self._grow(fanout, 0, groups, at_steps)
 
-    def _grow(self, fanout: torch.Tensor, continuing: int, groups: torch.Tensor | None, at_steps: bool) -> None:
+    def _grow(
+        self,
+        fanout: torch.Tensor,
+        continuing: int,
+        groups: torch.Tensor | None,
+        at_steps: bool,
+        child_slots: list[int] | None = None,
+    ) -> None:
         """One decode step in which rows ``continuing:`` are expanded: row ``i`` becomes ``fanout[i]`` children.
 
         The first ``continuing`` rows (fanout 1) simply take their next token; the others' children start a new
@@ -390,7 +450,7 @@ class StepSearch:
             start = self.prompt_length + generated
             tree.append(SearchNode(len(tree), parent, start, start, self.rounds[unit], group))
             nodes.append(len(tree) - 1)
-            slot = group * self.group_slots + taken[unit]
+            slot = group * self.group_slots + taken[unit] if child_slots is None else child_slots[len(slots)]
             if slot >= self.n:
                 raise RuntimeError("Internal error: a round of the search has more than N rows.")
             slots.append(prompt * self.n + slot)
@@ -443,6 +503,141 @@ class StepSearch:
                 for prompt in sorted(active - present):
                     active.discard(prompt)
                     yield prompt
+
+    # -------------------------------------------------------------- adaptive compute (Best-of-N)
+    def run_adaptive(self, capacity: int | None = None) -> Iterator[int]:
+        """Best-of-N with adaptive compute ([`AdaptiveConfig`]); yields each prompt as it ends, like [`run`].
+
+        A prompt is admitted with its ``warmup`` candidates (slots ``0 .. warmup - 1``); when they have all ended its
+        threshold is set from their statistics. Afterwards, whenever one of its candidates ends, it either stops
+        (consensus reached, or N candidates admitted and ended) or its free slots take its next candidates (slot
+        ``k`` for candidate ``k``) in the next decode step, at most ``parallel`` in flight. Every decision depends on
+        the prompt's own candidates only, so with per-prompt seeds a prompt's candidates do not depend on the other
+        prompts of the call. ``capacity`` (rows) admits prompts while ``width`` rows each fit
+        ([`AdaptiveConfig.width`]): a running prompt never waits for room.
+        """
+        config = self.adaptive
+        assert config is not None, "enable_adaptive() first"
+        active: set[int] = set()
+        pending: dict[int, int] = {}
+        while True:
+            room = self.batch if capacity is None else capacity // config.width - len(active)
+            if not active:
+                room = max(room, 1)  # a prompt wider than `capacity` still runs, alone
+            admit = list(range(self.admitted, min(self.batch, self.admitted + max(room, 0))))
+            if admit or pending:
+                self.admitted += len(admit)
+                active.update(admit)
+                self._admit_adaptive(admit, pending)
+                pending = {}
+            elif len(self.rows):
+                logits, features = self._forward()
+                self._sample(logits, features, False)
+            else:
+                break
+            for prompt in active:
+                if self.progress_of[prompt].in_flight:
+                    self.progress_of[prompt].decode_steps += 1
+            if not (self._stopped_rows or not len(self.rows)):
+                continue
+            touched = set()
+            for f in self._ended:
+                progress = self.progress_of[f.prompt]
+                progress.in_flight -= 1
+                progress.ended.append(f)
+                touched.add(f.prompt)
+            self._ended = []
+            for prompt in sorted(touched):
+                more = self._adapt(prompt)
+                if more:
+                    pending[prompt] = more
+            for prompt in sorted(active):
+                if not self.progress_of[prompt].in_flight and prompt not in pending:
+                    active.discard(prompt)
+                    self.roots.pop(prompt, None)
+                    yield prompt
+
+    def _adapt(self, prompt: int) -> int:
+        """After some candidates of ``prompt`` ended: set its threshold once the warm-up is over, check its
+        consensus; returns how many new candidates it takes in the next step."""
+        config, progress = self.adaptive, self.progress_of[prompt]
+        if not progress.warm:
+            if progress.in_flight:
+                return 0
+            progress.warm = True
+            if config.keep_percent < 100:  # from the warm-up candidates only: nothing else has run yet
+                progress.threshold = percentile([f.statistic for f in progress.ended], 100.0 - config.keep_percent)
+        if progress.stopping:
+            return 0
+        if config.consensus is not None and self.consensus(prompt) >= config.consensus:
+            progress.stopping = True
+            if progress.in_flight:
+                self._cancel.append(prompt)
+            return 0
+        more = min((config.parallel or config.warmup) - progress.in_flight, self.n - progress.admitted)
+        if more <= 0 and not progress.in_flight:
+            progress.stopping = True
+        return max(more, 0)
+
+    def consensus(self, prompt: int) -> float:
+        """The consensus of ``prompt`` over its candidates ended so far (see [`AdaptiveConfig`])."""
+        config, progress = self.adaptive, self.progress_of[prompt]
+        finished = [f for f in progress.ended if not f.pruned]
+        if config.consensus_by == "score":
+            return max((trajectory_score(f) for f in finished), default=0.0)
+        answers = [self._answer(f) for f in finished]
+        weights = [trajectory_score(f) if config.signal == "sprm" else f.statistic for f in finished]
+        return vote_share(answers, weights)
+
+    def _answer(self, f: FinishedTrajectory) -> Any:
+        key = id(f)
+        if key not in self._answers:
+            if self.answer_tokenizer is None:
+                raise ValueError("`adaptive` with `consensus_by='vote'` needs `tokenizer=` to read the answers.")
+            text = self.answer_tokenizer.decode(f.generated.tolist(), skip_special_tokens=True)
+            self._answers[key] = self.answer_extractor(text)
+        return self._answers[key]
+
+    def _admit_adaptive(self, prompts: list[int], pending: dict[int, int]) -> None:
+        """One decode step that also starts ``pending[p]`` new candidates of running prompts (from their kept
+        prompt row) and the warm-up candidates of the newly admitted ``prompts``."""
+        device = self.prompt_ids.device
+        config = self.model.config.get_text_config(decoder=True)
+        warmup, state = self.adaptive.warmup, self.signal_state
+        live = len(self.rows)
+        parts, fanouts, child_slots = [], [], []
+        if live:
+            parts.append(self.rows.park(torch.arange(live, device=device), self.cache, self.rule))
+            fanouts.append(torch.ones(live, dtype=torch.long, device=device))
+        for prompt, count in sorted(pending.items()):
+            progress = self.progress_of[prompt]
+            root = self.roots[prompt].select(torch.zeros(1, dtype=torch.long, device=device))
+            root.signal[:, state.threshold] = progress.threshold
+            parts.append(root)
+            fanouts.append(torch.full((1,), count, dtype=torch.long, device=device))
+            child_slots += range(progress.admitted, progress.admitted + count)
+            progress.admitted += count
+            progress.in_flight += count
+        if prompts:
+            index = torch.tensor(prompts, dtype=torch.long, device=device)
+            cache = DynamicCache(config=config)
+            fresh = self._prefill(index, cache)
+            roots = fresh.park(torch.arange(len(prompts), device=device), cache, fresh)
+            for i, prompt in enumerate(prompts):
+                self.roots[prompt] = roots.select(torch.tensor([i], device=device))
+                self.progress_of[prompt].admitted = self.progress_of[prompt].in_flight = warmup
+                child_slots += range(warmup)
+            parts.append(roots)
+            fanouts.append(torch.full((len(prompts),), warmup, dtype=torch.long, device=device))
+        self.resume(SearchRows.merge(parts) if len(parts) > 1 else parts[0])
+        self._grow(torch.cat(fanouts), live, None, False, child_slots)
+
+    def _adaptive_summary(self, prompts: Sequence[int]) -> dict[str, list]:
+        return {
+            "threshold": [self.progress_of[p].threshold for p in prompts],
+            "decode_steps": [self.progress_of[p].decode_steps for p in prompts],
+            "weights_are_statistics": self.adaptive.signal == "confidence",
+        }
 
     def _admissible(self, survivors: SearchRows | None, budget: int, capacity: int | None, active: int) -> list[int]:
         """The prompts to admit now: the next ones in order, while their N rows fit.
@@ -543,6 +738,7 @@ class StepSearch:
             self.model, mine, [tree], self.prompt_ids[prompt : prompt + 1], self.prompt_mask[prompt : prompt + 1],
             self.n, self.pad, self.max_new_tokens, search, selection, answer_extractor, tokenizer,
             sum(node.end - node.start for node in tree[1:]), 0,
+            None if self.adaptive is None else self._adaptive_summary([prompt]),
         )  # fmt: skip
 
     def completed_per_prompt(self) -> torch.Tensor:
@@ -622,8 +818,13 @@ class StepSearch:
         return build_search_output(
             self.model, self.finished, self.tree, self.prompt_ids, self.prompt_mask, self.n, self.pad,
             self.max_new_tokens, search, selection, answer_extractor, tokenizer, self.tokens_generated,
-            self.tokens_processed,
+            self.tokens_processed, None if self.adaptive is None else self._adaptive_summary(range(self.batch)),
         )  # fmt: skip
+
+
+def trajectory_score(f: FinishedTrajectory) -> float:
+    """The running SPRM trajectory score of an ended candidate (0 without steps)."""
+    return math.exp(f.log_score) if f.num_steps > 0 else 0.0
 
 
 def split_budget(survivors: SearchRows, budget: int) -> torch.Tensor:
