@@ -463,3 +463,54 @@ def test_eval_stall_timeout_reaches_the_runner(checkpoint, two_questions, tmp_pa
         with pytest.raises(Stop):
             cli.main([*common, *extra])
     assert seen == [3600.0, 90.0] and eval_runner.STALL_SECONDS == 3600.0  # the default --help names
+
+
+def test_eval_adaptive_rows_reach_table_report_plots_and_card(checkpoint, two_questions, tmp_path, monkeypatch, capsys):
+    """`--adaptive`: a row per setting with tokens, decode steps and candidates per question; records that do not
+    depend on the batch size."""
+    settings = ["sprm:warmup=2,consensus=none,keep_percent=50", "confidence:warmup=2,window=2,consensus=0.6"]
+    reports = []
+    for batch_size in ("1", "2"):
+        out = tmp_path / f"eval{batch_size}"
+        code = cli.main(["eval", "--model", checkpoint, "--data", two_questions, "--protocol", "quick", "--efforts",
+                         "low", "--samples-per-question", "4", "--max-new-tokens", "6", "--batch-size", batch_size,
+                         "--adaptive", *settings, "--output-dir", str(out), "--no-progress"])  # fmt: skip
+        assert code == 0
+        printed = capsys.readouterr().out
+        reports.append(json.loads((out / "eval_report.json").read_text()))
+        metrics = reports[-1]["summary"]["metrics"]
+        for setting in settings:
+            entry = metrics[f"adaptive:{setting}"]
+            assert {"tokens_per_question", "decode_steps_per_question", "candidates_per_question"} <= set(entry)
+            assert 2 <= entry["candidates_per_question"] <= 4 and entry["n"] == 4
+            assert f"| {setting} | 4 |" in printed
+        for plot in ("accuracy_vs_n.png", "accuracy_vs_tokens.png"):
+            assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        for record in records:
+            for setting in settings:
+                run = record["results"][f"adaptive:{setting}"]
+                assert run["candidates_used"] == sum(run["used"]) and run["decode_steps"] > 0
+                assert not run["stopped"][run["chosen"]] and run["used"][run["chosen"]]
+        reports[-1]["records_raw"] = [
+            {k: v for k, v in r["results"].items() if k.startswith("adaptive:")} for r in records
+        ]
+    strip = lambda runs: [{k: {f: v for f, v in run.items() if f != "scores"} for k, run in r.items()} for r in runs]  # noqa: E731
+    assert strip(reports[0]["records_raw"]) == strip(reports[1]["records_raw"])
+
+    cards = {}
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.upload_folder",
+        lambda self, *, folder_path, **kw: cards.setdefault("card", (Path(folder_path) / "README.md").read_text()),
+    )
+    report = tmp_path / "eval1" / "eval_report.json"
+    assert cli.main(["push", "--model", checkpoint, "--repo-id", "me/tiny", "--metrics", str(report)]) == 0
+    assert f"| adaptive:{settings[0]} |" in cards["card"], cards["card"]
+
+
+def test_eval_refuses_a_bad_adaptive_setting(checkpoint, two_questions, tmp_path, capsys):
+    code = cli.main(["eval", "--model", checkpoint, "--data", two_questions, "--protocol", "quick",
+                     "--samples-per-question", "4", "--adaptive", "sprm:warmpu=2", "--output-dir", str(tmp_path / "e"),
+                     "--no-progress"])  # fmt: skip
+    assert code == 2 and "warmpu" in capsys.readouterr().err

@@ -357,7 +357,7 @@ def cmd_eval_processbench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.data == "processbench":
         return cmd_eval_processbench(args)
-    from .eval_runner import EvalPlan, resolve_sampling, run_evaluation, run_settings
+    from .eval_runner import EvalPlan, parse_adaptive, resolve_sampling, run_evaluation, run_settings
     from .evaluation import (
         EVAL_PROTOCOLS,
         format_table,
@@ -376,6 +376,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _warn_if_launched_alone()
     if args.prompt_template is not None:
         resolve_prompt_template(args.prompt_template)  # a bad template is refused before the model loads
+    try:
+        adaptive = tuple(parse_adaptive(text) for text in dict.fromkeys(args.adaptive))  # so is a bad --adaptive
+    except ValueError as error:
+        raise CLIError(str(error)) from error
     # The data first: a missing file or an unreachable Hub should not cost a model load.
     try:
         examples = load_eval_examples(args.data, args.data_dir, limit=args.limit, split=args.split)
@@ -419,7 +423,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,
     )
-    plan = EvalPlan(protocol, samples, budgets, tuple(dict.fromkeys(args.search)), args.beam_width, args.seed)
+    try:
+        plan = EvalPlan(
+            protocol, samples, budgets, tuple(dict.fromkeys(args.search)), args.beam_width, args.seed, adaptive
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from error
     settings = run_settings(plan, examples, args.model, args.data, template, str(model.dtype))
     out_dir = Path(args.output_dir)
     records = run_evaluation(
@@ -660,6 +669,17 @@ def build_parser() -> argparse.ArgumentParser:
         "beam and dvts run one search per question and N",
     )
     ev.add_argument("--beam-width", type=POSITIVE_INT, default=None, metavar="M", help=BEAM_WIDTH_HELP)
+    ev.add_argument(
+        "--adaptive",
+        nargs="+",
+        default=[],
+        metavar="SIGNAL[:key=value,...]",
+        help="also run adaptive compute (off by default), each setting with at most M candidates per question: "
+        "'sprm' (the SPRM step scores) or 'confidence' (DeepConf's token confidence), optionally with AdaptiveConfig "
+        "fields, e.g. 'sprm:warmup=8,keep_percent=10,consensus=0.95' or 'confidence:window=64,consensus=none'; rows "
+        "with tokens, decode steps and candidates per question go into the table, report, plots and model card "
+        "(docs/generation-and-search.md, 'Adaptive compute')",
+    )
     ev.add_argument(
         "--prompt-template",
         default=None,

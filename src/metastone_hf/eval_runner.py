@@ -69,6 +69,9 @@ class EvalPlan:
         beam_width: M of beam search / DVTS, the children each kept beam expands into (``None``: generate's
             default, ``default_beam_width``: 4 for beam search, N/4 for DVTS when 4 divides N).
         seed: the run's seed; question ``i`` uses ``question_seed(seed, i)``.
+        adaptive: adaptive-compute settings run besides (``metastone eval --adaptive``): ``(name, fields)`` pairs, each
+            field dict an ``AdaptiveConfig``'s; each runs Best-of-N with ``adaptive=`` and at most ``samples``
+            candidates per question (run key ``"adaptive:<name>"``). Empty by default (nothing changes).
     """
 
     protocol: EvalProtocol
@@ -77,6 +80,7 @@ class EvalPlan:
     searches: tuple[str, ...] = ("best_of_n",)
     beam_width: int | None = None
     seed: int = 0
+    adaptive: tuple[tuple[str, dict], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.searches if s not in SEARCHES]
@@ -86,6 +90,14 @@ class EvalPlan:
             bad = [n for n in self.budgets.values() if n % self.beam_width]
             if bad and any(s != "best_of_n" for s in self.searches):
                 raise ValueError(f"--beam-width {self.beam_width} does not divide N = {bad}; choose one that does.")
+        if self.adaptive:
+            from .adaptive_metastone import AdaptiveConfig
+
+            names = [name for name, _ in self.adaptive]
+            if len(set(names)) != len(names):
+                raise ValueError(f"Adaptive settings need distinct names, got {names}.")
+            for _, fields in self.adaptive:
+                AdaptiveConfig(**fields).checked(self.samples)
 
     def runs(self) -> list[tuple[str, str, int]]:
         """``(key, search, N)`` of every ``generate`` call made per batch of questions."""
@@ -93,6 +105,7 @@ class EvalPlan:
         for search in self.searches:
             if search != "best_of_n":
                 runs += [(f"{search}@{n}", search, n) for n in sorted(set(self.budgets.values()))]
+        runs += [(f"adaptive:{name}", "best_of_n", self.samples) for name, _ in self.adaptive]
         return runs
 
 
@@ -150,6 +163,7 @@ def run_settings(
         **({"dvts_rounds": "per_subtree"} if "dvts" in plan.searches else {}),
         "seed": plan.seed,
         "prompt_template": prompt_template,
+        **({"adaptive": {name: dict(fields) for name, fields in plan.adaptive}} if plan.adaptive else {}),
     }
 
 
@@ -220,6 +234,7 @@ def question_records(
     settings = plan.protocol
     batch_size = batch_size or default_batch_size(plan.samples)
     runs = plan.runs()
+    adaptive_settings = {f"adaptive:{name}": fields for name, fields in plan.adaptive}
     window = len(indices) if len(runs) == 1 else batch_size * WINDOW_BATCHES
     bar = tqdm(total=len(indices), desc="eval", unit="question", disable=not progress_bar, dynamic_ncols=True)
     started, generated_total = time.perf_counter(), 0
@@ -247,6 +262,10 @@ def question_records(
                 if search != "best_of_n" and plan.beam_width is not None:
                     options["beam_width"] = plan.beam_width
                 capacity = batch_size * n
+                adaptive = adaptive_settings.get(key)
+                if adaptive is not None:
+                    options.update(adaptive_options(adaptive, tokenizer, extractor))
+                    capacity = batch_size * options["adaptive"].width
                 counter.capacity = capacity
                 finished = model.generate(
                     **inputs,
@@ -272,6 +291,15 @@ def question_records(
                     )
                     spent = _tokens_per_prompt(out)[0]
                     results[b][key] = {"search": search, "n": n, **result, "tokens_generated": spent}
+                    if out.used is not None:  # adaptive compute: what the question used
+                        results[b][key].update(
+                            adaptive=dict(adaptive_settings[key]),
+                            used=out.used[0].cpu().tolist(),
+                            stopped=(out.pruned[0] & out.used[0]).cpu().tolist(),
+                            candidates_used=int(out.used[0].sum()),
+                            decode_steps=int(out.prompt_decode_steps[0]),
+                            threshold=float(out.adaptive_threshold[0]),
+                        )
                     generated_total += spent
                     runs_left[b] -= 1
                     # Records leave in question order, each as soon as it and every earlier one are complete; each
@@ -306,6 +334,51 @@ def question_records(
     finally:
         counter.close()
         bar.close()
+
+
+def adaptive_options(fields: dict, tokenizer: Any, extractor: Callable) -> dict[str, Any]:
+    """``generate`` options of an adaptive setting: the ``AdaptiveConfig``, the tokenizer and extractor its vote
+    reads, and for the confidence signal DeepConf's pick (the confidence-weighted vote)."""
+    from .adaptive_metastone import AdaptiveConfig
+
+    config = AdaptiveConfig(**fields)
+    options: dict[str, Any] = {"adaptive": config, "tokenizer": tokenizer, "answer_extractor": extractor}
+    if config.signal == "confidence":
+        options["selection"] = "sprm_vote"  # weighed by the confidence statistics: DeepConf's vote
+    return options
+
+
+def parse_adaptive(text: str) -> tuple[str, dict]:
+    """``metastone eval --adaptive`` values: ``SIGNAL[:key=value,...]`` -> ``(name, AdaptiveConfig fields)``.
+
+    ``sprm``, ``confidence``, ``sprm:warmup=8,keep_percent=10,consensus=0.95``, ``sprm:consensus=none`` ...; the name is
+    the text itself. Raises ``ValueError`` for an unknown field or a bad value.
+    """
+    from dataclasses import fields as dataclass_fields
+
+    from .adaptive_metastone import AdaptiveConfig
+
+    signal, _, rest = text.partition(":")
+    values: dict[str, Any] = {"signal": signal}
+    known = {f.name for f in dataclass_fields(AdaptiveConfig)}
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known or key == "signal":
+            raise ValueError(
+                f"--adaptive {text!r}: {item!r} is not key=value with a key of {sorted(known - {'signal'})}"
+            )
+        if raw.lower() == "none":
+            value: Any = None
+        elif key == "consensus_by":
+            value = raw
+        else:
+            try:
+                value = int(raw) if key in ("warmup", "window", "confidence_top_k", "parallel") else float(raw)
+            except ValueError as error:
+                raise ValueError(f"--adaptive {text!r}: bad value for {key}: {raw!r}") from error
+        values[key] = value
+    AdaptiveConfig(**values).checked(10**9)  # range checks (N is checked when it runs)
+    return text, values
 
 
 WINDOW_BATCHES = 16

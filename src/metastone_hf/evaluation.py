@@ -410,6 +410,9 @@ def throughput(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 SEARCH_METHODS = ("beam", "dvts")
 """Step-level search strategies reported beside Best-of-N (one search per question and N)."""
 
+ADAPTIVE_PREFIX = "adaptive:"
+"""Run and metric keys of adaptive-compute settings (``metastone eval --adaptive``): ``"adaptive:<name>"``."""
+
 
 def summarize_records(
     records: Sequence[Mapping[str, Any]],
@@ -433,6 +436,11 @@ def summarize_records(
         n_of = {metric_key(m, n, label): n for m in SCALING_METHODS for label, n in labelled}
         for key, entry in summary["metrics"].items():
             entry["tokens_per_question"] = per_candidate * n_of.get(key, 1)
+        # All M candidates decode side by side: a question's decode steps at N = M are its longest candidate's.
+        longest = float(np.mean([max(r["results"]["best_of_n"]["tokens"]) for r in records]))
+        for label, n in labelled:
+            if n == summary["samples_per_question"] and metric_key("bon_sprm", n, label) in summary["metrics"]:
+                summary["metrics"][metric_key("bon_sprm", n, label)]["decode_steps_per_question"] = longest
     else:
         summary = {
             "questions": len(records),
@@ -456,6 +464,23 @@ def summarize_records(
                 "ci_high": high,
                 "tokens_per_question": float(np.mean([run["tokens_generated"] for run in runs])),
             }
+    for key in dict.fromkeys(k for r in records[:1] for k in r["results"] if k.startswith(ADAPTIVE_PREFIX)):
+        runs = [r["results"].get(key) for r in records]
+        if any(run is None for run in runs):
+            continue
+        right = np.array([float(chosen_correct(run)) for run in runs])
+        low, high = bootstrap_ci(right, confidence)
+        summary["metrics"][key] = {
+            "mean": float(right.mean()),
+            "ci_low": low,
+            "ci_high": high,
+            "n": int(runs[0]["n"]),
+            "adaptive": runs[0].get("adaptive"),
+            "tokens_per_question": float(np.mean([run["tokens_generated"] for run in runs])),
+            "decode_steps_per_question": float(np.mean([run["decode_steps"] for run in runs])),
+            "candidates_per_question": float(np.mean([run["candidates_used"] for run in runs])),
+            "stopped_per_question": float(np.mean([sum(run["stopped"]) for run in runs])),
+        }
     unparsable = [str(r["id"]) for r in records if not r.get("gold_parsed", True)]
     summary["unparsable_golds"] = {"count": len(unparsable), "ids": unparsable}
     summary["throughput"] = throughput(records)
@@ -491,6 +516,28 @@ def format_table(summary: dict[str, Any]) -> str:
                 cells.append(f"{entry['tokens_per_question']:.0f}" if "tokens_per_question" in entry else "-")
             name = "best_of_n (every N-candidate method)" if method == "bon_sprm" else method
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    adaptive = [key for key in metrics if key.startswith(ADAPTIVE_PREFIX)]
+    if adaptive:
+        lines += [
+            "",
+            "| adaptive compute (at most N candidates) | N | accuracy | tokens / question | decode steps / question "
+            "| candidates / question | stopped / question |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, n in budgets:
+            entry = metrics.get(metric_key("bon_sprm", n, label), {})
+            if "decode_steps_per_question" in entry:  # the reference: Best-of-N with all M candidates
+                lines.append(
+                    f"| best_of_n (reference) | {n} | {_cell(entry)} | {entry['tokens_per_question']:.0f} | "
+                    f"{entry['decode_steps_per_question']:.1f} | {n} | 0 |"
+                )
+        for key in adaptive:
+            entry = metrics[key]
+            lines.append(
+                f"| {key[len(ADAPTIVE_PREFIX) :]} | {entry['n']} | {_cell(entry)} | {entry['tokens_per_question']:.0f} | "
+                f"{entry['decode_steps_per_question']:.1f} | {entry['candidates_per_question']:.1f} | "
+                f"{entry['stopped_per_question']:.1f} |"
+            )
     auc = summary["sprm_auc"]
     lines.append("")
     lines.append(
@@ -649,6 +696,9 @@ def tokens_curves(summary: Mapping[str, Any]) -> dict[str, list[dict[str, float]
                 points.append({"tokens": entry["tokens_per_question"], "n": n, **entry})
         if points:
             curves[label] = points
+    for key, entry in summary["metrics"].items():  # each adaptive setting: one point
+        if key.startswith(ADAPTIVE_PREFIX) and "tokens_per_question" in entry:
+            curves[f"adaptive {key[len(ADAPTIVE_PREFIX) :]}"] = [{**entry, "tokens": entry["tokens_per_question"]}]
     return curves
 
 

@@ -176,6 +176,11 @@ def eval_results_from_report(
                 args["reasoning_effort"] = match["effort"]
         if entry.get("tokens_per_question") is not None:
             args["tokens_per_question"] = round(float(entry["tokens_per_question"]), 1)
+        for extra in ("decode_steps_per_question", "candidates_per_question"):  # adaptive compute (and Best-of-N)
+            if entry.get(extra) is not None:
+                args[extra] = round(float(entry[extra]), 1)
+        if entry.get("n") is not None and "n" not in args:
+            args["n"] = int(entry["n"])
         low, high = entry.get("ci_low"), entry.get("ci_high")
         if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
             args["confidence_interval"] = [round(100 * float(low), 2), round(100 * float(high), 2)]
