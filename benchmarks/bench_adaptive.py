@@ -19,6 +19,10 @@ adaptive SPRM setting inside Best-of-N@32's interval with at most 40% of its tok
 
     OMP_NUM_THREADS=1 python benchmarks/bench_adaptive.py --task short --checkpoint /tmp/demo-short/checkpoint
     OMP_NUM_THREADS=1 python benchmarks/bench_adaptive.py --task verify --checkpoint PATH
+    OMP_NUM_THREADS=1 python benchmarks/bench_adaptive.py --syncs   # host syncs per decode step, no demo model
+
+``--syncs`` counts host-device syncs per decode step (``bench_eval_batching.py``'s counter) for plain Best-of-N
+and the adaptive settings on that script's varying-length workload (tiny random model, paper protocol).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ ADAPTIVE = {
     "w4-low-vote0.95": {"warmup": 4, "keep_percent": 10, "consensus": 0.95},
     "w8-low-vote0.95": {"warmup": 8, "keep_percent": 10, "consensus": 0.95},
     "w4-low-stop-only": {"warmup": 4, "keep_percent": 10, "consensus": None},
+    "w4-low-score.9987": {"warmup": 4, "keep_percent": 10, "consensus": 0.9987, "consensus_by": "score"},
+    "w4-low-score.9985": {"warmup": 4, "keep_percent": 10, "consensus": 0.9985, "consensus_by": "score"},
+    "w8-low-stop-only": {"warmup": 8, "keep_percent": 10, "consensus": None},
 }
 """Settings run with each signal. ``consensus_by="score"`` (SPRM: the best finished trajectory score reaches the
 value; the demo's head puts right trajectories at ~0.99999 and wrong ones at ~0.9995) has no counterpart without a
@@ -67,10 +74,63 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--beam-width", type=int, default=4, metavar="M", help="children per kept beam")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", default=list(ADAPTIVE), help=f"adaptive settings ({list(ADAPTIVE)})")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=list(ADAPTIVE)[:7],
+        help=f"adaptive settings (default: the first 7 of {list(ADAPTIVE)})",
+    )
     parser.add_argument("--plot", default=None, help="the plot (default: docs/adaptive_<task>_accuracy_vs_tokens.png)")
     parser.add_argument("--json", default=None, help="write the measurements here")
+    parser.add_argument("--syncs", action="store_true", help="only count host syncs per decode step (no demo model)")
     return parser.parse_args()
+
+
+def sync_part() -> None:
+    """Host syncs per decode step: plain Best-of-N vs adaptive, one generate call, on bench_eval_batching's workload."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_eval_batching import QUESTIONS, DecodeCounter, build, counting_syncs, workload_kwargs
+
+    from metastone_hf.evaluation import EVAL_PROTOCOLS, build_prompt_builder
+
+    class Args:
+        hidden, layers, step_every, eos_every = 128, 4, 75, 200
+
+    tokenizer, model = build(Args)
+    extra = workload_kwargs(tokenizer, model, Args)
+    protocol = EVAL_PROTOCOLS["paper"]
+    counter = DecodeCounter(model)
+    settings = {
+        "best_of_n": {},
+        "adaptive sprm": {"adaptive": AdaptiveConfig(warmup=4, keep_percent=50, consensus=0.5, consensus_by="score")},
+        "adaptive confidence": {
+            "adaptive": AdaptiveConfig(signal="confidence", warmup=4, keep_percent=50, consensus=None, window=16)
+        },
+    }
+    print("host syncs per decode step (N = 8, cap 192 tokens, paper protocol, 4-layer d=128 model):")
+    for prompts in (1, 4):
+        inputs = tokenizer(
+            [build_prompt_builder(tokenizer, model)(q) for q in QUESTIONS[:prompts]],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        for name, options in settings.items():
+            kwargs = dict(
+                **inputs, do_sample=True, temperature=protocol.temperature, top_p=protocol.top_p, top_k=0,
+                repetition_penalty=protocol.repetition_penalty, max_new_tokens=192, num_candidates=8,
+                pad_token_id=tokenizer.pad_token_id, seed=list(range(11, 11 + prompts)), **options, **extra,
+            )  # fmt: skip
+            counter.reset()
+            with counting_syncs() as syncs:
+                out = model.generate(**kwargs)
+            print(
+                f"  {name:<20} prompts {prompts}: {counter.steps:>5} decode steps, {out.tokens_generated:>5} tokens, "
+                f"{syncs.count / counter.steps:.2f} syncs/step"
+            )
+    counter.close()
 
 
 def run(model, tokenizer, problems, n, seed, batch_size, max_new_tokens, **options) -> dict:
@@ -180,6 +240,9 @@ def plot(results: dict, path: str, title: str) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if args.syncs:
+        sync_part()
+        return
     config = DemoConfig.for_task(args.task, args.hops, seed=args.seed)
     start = time.perf_counter()
     model, tokenizer = trained_demo_model(args.checkpoint, args.seed, args.task, args.hops)

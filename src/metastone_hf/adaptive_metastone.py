@@ -207,7 +207,8 @@ class SignalState:
         count = state[:, self.count]
         ring = state[:, : self.window]
         slot = torch.remainder(count, self.window).long()
-        one_hot = torch.nn.functional.one_hot(slot, self.window).bool() & take[:, None]
+        # (not `one_hot`, which checks its input's range on the host)
+        one_hot = (slot[:, None] == torch.arange(self.window, device=slot.device)) & take[:, None]
         ring = torch.where(one_hot, values[:, None], ring)
         count = count + take.float()
         full = take & (count >= self.window)
