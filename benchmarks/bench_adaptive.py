@@ -257,7 +257,7 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, seed {args.seed}"
     )
     header = (
-        f"{'strategy':<14}{'setting':<18}{'N':>4}{'accuracy % [95% CI]':>24}{'tok/question':>14}{'cand/q':>8}"
+        f"{'strategy':<20}{'setting':<19}{'N':>4}{'accuracy % [95% CI]':>24}{'tok/question':>14}{'cand/q':>8}"
         f"{'steps/q':>9}{'wall s':>8}"
     )
     print(header)
@@ -266,7 +266,7 @@ def main() -> None:
 
     def show(name: str, setting: str, row: dict) -> None:
         print(
-            f"{name:<14}{setting:<18}{row['n']:>4}{cell(row):>24}{row['tokens']:>14.1f}{row['candidates']:>8.1f}"
+            f"{name:<20}{setting:<19}{row['n']:>4}{cell(row):>24}{row['tokens']:>14.1f}{row['candidates']:>8.1f}"
             f"{row['decode_steps']:>9.1f}{row['seconds']:>8.1f}"
         )
 
