@@ -56,6 +56,9 @@ ADAPTIVE = {
     "w4-low-score.9987": {"warmup": 4, "keep_percent": 10, "consensus": 0.9987, "consensus_by": "score"},
     "w4-low-score.9985": {"warmup": 4, "keep_percent": 10, "consensus": 0.9985, "consensus_by": "score"},
     "w8-low-stop-only": {"warmup": 8, "keep_percent": 10, "consensus": None},
+    "w2-low-score.9987": {"warmup": 2, "keep_percent": 10, "consensus": 0.9987, "consensus_by": "score"},
+    "w2-low-score.9986": {"warmup": 2, "keep_percent": 10, "consensus": 0.9986, "consensus_by": "score"},
+    "w4-low-score.9986": {"warmup": 4, "keep_percent": 10, "consensus": 0.9986, "consensus_by": "score"},
 }
 """Settings run with each signal. ``consensus_by="score"`` (SPRM: the best finished trajectory score reaches the
 value; the demo's head puts right trajectories at ~0.99999 and wrong ones at ~0.9995) has no counterpart without a
