@@ -270,3 +270,37 @@ def test_settings_are_checked(model):
     ids, mask = PROMPTS
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(ids, attention_mask=mask, num_candidates=4, adaptive="sprm", **SETTINGS)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_the_device_statistic_equals_a_plain_sliding_window_minimum(window):
+    from metastone_hf.adaptive_metastone import SignalState
+
+    generator = torch.Generator().manual_seed(window)
+    rows, steps = 6, 20
+    values = torch.randn(steps, rows, generator=generator)
+    take = torch.rand(steps, rows, generator=generator) < 0.6
+    state = SignalState(window)
+    signal = state.fresh(rows, torch.device("cpu"))
+    for t in range(steps):
+        signal = state.update(signal, values[t], take[t])
+    for r in range(rows):
+        taken = [float(v) for v, k in zip(values[:, r], take[:, r]) if k]
+        expected = lowest_window_mean(taken, window)
+        got = float(state.statistic(signal)[r])
+        assert (math.isinf(expected) and math.isinf(got)) or got == pytest.approx(expected, abs=1e-5)
+
+
+def test_percentile_is_numpys_and_parse_adaptive_reads_the_cli_syntax():
+    from metastone_hf.eval_runner import parse_adaptive
+
+    values = [0.3, -1.0, 2.5, 0.7, 1.1]
+    for q in (0, 10, 37.5, 50, 90, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([-math.inf, 1.0, 2.0], 10) == -math.inf
+    name, fields = parse_adaptive("confidence:warmup=8,keep_percent=10,consensus=none,window=64")
+    assert name == "confidence:warmup=8,keep_percent=10,consensus=none,window=64"
+    assert fields == {"signal": "confidence", "warmup": 8, "keep_percent": 10.0, "consensus": None, "window": 64}
+    for bad in ("sprm:warmpu=2", "sprm:warmup=two", "spam", "sprm:keep_percent=0"):
+        with pytest.raises(ValueError):
+            parse_adaptive(bad)
