@@ -82,7 +82,9 @@ class SearchOutput(ModelOutput):
         answers: ``answers[b][j]`` the extracted answer (``None`` when none was found), when the selection strategy
             used answers; ``None`` otherwise.
         num_generated_tokens: ``[B, N]`` real generated tokens per candidate (EOS included, padding excluded).
-        pruned: ``[B, N]`` candidates stopped by SPRM-guided pruning (all ``False`` when pruning is off).
+        pruned: ``[B, N]`` candidates stopped early: by SPRM-guided pruning, or by adaptive compute (below the
+            threshold, or still running when the prompt reached its consensus; unused candidates are ``True`` too).
+            All ``False`` when both are off.
         tokens_saved: for each pruned candidate, ``max_new_tokens`` minus the tokens it had generated when pruned:
             the decode slots it gave up, up to the length limit (an upper bound: it might have stopped earlier).
             Pruned rows leave the batch, so these tokens are never computed.
