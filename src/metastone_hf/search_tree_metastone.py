@@ -555,6 +555,9 @@ class StepSearch:
                 if not self.progress_of[prompt].in_flight and prompt not in pending:
                     active.discard(prompt)
                     self.roots.pop(prompt, None)
+                    for f in self.progress_of[prompt].ended:  # its answers are cached by id: drop them with it
+                        self._answers.pop(id(f), None)
+                    self.progress_of[prompt].ended = []
                     yield prompt
 
     def _adapt(self, prompt: int) -> int:
