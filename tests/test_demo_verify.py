@@ -226,7 +226,7 @@ def test_paired_completions_differ_only_in_the_cited_fact_at_the_trap():
         right, wrong, hop = task.verify_paired_completions(problem)
         right_steps, wrong_steps = parse_steps(right), parse_steps(wrong)
         chain = [walk(current, start, k) for k in range(4)]
-        assert right_steps == list(zip(chain, chain[1:] + [problem.answer]))  # the perfect teacher
+        assert right_steps == list(zip(chain, [*chain[1:], problem.answer]))  # the perfect teacher
         assert hop == chain.index(problem.trap_key) and right_steps[:hop] == wrong_steps[:hop]
         node, value = wrong_steps[hop]
         assert node == problem.trap_key and value != current[node] and (node, value) in listed  # overridden, listed
