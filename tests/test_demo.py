@@ -115,6 +115,31 @@ def test_centre_sprm_head_gives_both_signs_to_the_steps():
     assert torch.allclose(after, before - shift, atol=1e-5)  # only the bias moved: the ranking is unchanged
 
 
+def test_sft_batch_outcomes_are_the_answers_correctness():
+    tokenizer = task.build_tokenizer()
+    problems = task.make_split("train", 64, seed=9)
+    *_, outcomes = pipeline.sft_batch(tokenizer, problems, random.Random(3), (0.5, 0.5), return_outcomes=True)
+    rng = random.Random(3)  # the same draws: the teacher's completions, graded here by their boxed answer
+    expected = [task.teacher_completion(p, rng, (0.5, 0.5)).endswith("\\boxed{" + p.answer + "}") for p in problems]
+    assert outcomes.tolist() == expected and 0 < sum(expected) < len(expected)
+
+
+def test_sft_trains_the_head_only_when_asked():
+    import torch
+
+    tokenizer = task.build_tokenizer()
+    heads = {}
+    for weight in (0.0, 1.0):
+        config = pipeline.DemoConfig(sft_steps=3, sft_batch_size=8, sft_sprm_loss_weight=weight)
+        model = pipeline.build_demo_model(tokenizer, config)
+        before = {k: v.clone() for k, v in model.sprm_head.state_dict().items()}
+        lm_before = model.lm_head.weight.clone()
+        pipeline.run_sft(model, tokenizer, config, progress=False)
+        heads[weight] = any(not torch.equal(before[k], v) for k, v in model.sprm_head.state_dict().items())
+        assert not torch.equal(lm_before, model.lm_head.weight)
+    assert heads == {0.0: False, 1.0: True}  # the paper's recipe (0) leaves the head to GRPO
+
+
 def _summary(bon, majority, pass1=0.6, auc=0.95):
     """A summary shaped like `summarize`'s, with BoN-SPRM and majority at N = 2 / 8 / 32."""
     budgets = {"low": 2, "medium": 8, "high": 32}

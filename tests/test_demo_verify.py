@@ -220,6 +220,21 @@ def test_processbench_traces_have_their_first_wrong_step_where_the_prompt_says()
             assert row["steps"][-1] == "\\boxed{" + end + "}" and (row["label"] == hop) == erroneous
 
 
+def test_paired_completions_differ_only_in_the_cited_fact_at_the_trap():
+    for problem in VERIFY.make_split("test", 100):
+        listed, current, start = parse_prompt(problem.prompt)
+        right, wrong, hop = task.verify_paired_completions(problem)
+        right_steps, wrong_steps = parse_steps(right), parse_steps(wrong)
+        chain = [walk(current, start, k) for k in range(4)]
+        assert right_steps == list(zip(chain, [*chain[1:], problem.answer]))  # the perfect teacher
+        assert hop == chain.index(problem.trap_key) and right_steps[:hop] == wrong_steps[:hop]
+        node, value = wrong_steps[hop]
+        assert node == problem.trap_key and value != current[node] and (node, value) in listed  # overridden, listed
+        assert all(v == current[n] for n, v in wrong_steps[hop + 1 :])  # then the current facts from there on
+        labels = [ok for _, ok in task.verify_step_labels(problem, wrong)]
+        assert labels == [True] * hop + [False]
+
+
 def test_verify_completions_fit_the_model_and_the_budget():
     tokenizer = task.build_tokenizer()
     config = pipeline.DemoConfig.for_task("verify")
@@ -240,11 +255,13 @@ def test_verify_completions_fit_the_model_and_the_budget():
 def test_verify_targets():
     metrics = {"pass@1": {"mean": 0.5}, "bon_sprm@32": {"mean": 0.7}, "majority@32": {"mean": 0.6}}
     summary = {"metrics": metrics, "budgets": {"32": 32}, "sprm_auc": 0.9}
-    analysis = {"head_step_auc": 0.9, "bag_of_tokens_auc": 0.5, "last_token_auc": 0.55}
+    analysis = {"head_step_auc": 0.9, "paired": {"auc": 0.88}, "bag_of_tokens_auc": 0.5, "last_token_auc": 0.55}
     assert all(met for _, met, _ in pipeline.check_verify_targets(summary, analysis))
     worse = dict(analysis, last_token_auc=0.61)
     met = {name: ok for name, ok, _ in pipeline.check_verify_targets(summary, worse)}
     assert not met["last-token AUC <= 0.60"] and met["bag-of-tokens AUC <= 0.60"]
+    met = {name: ok for name, ok, _ in pipeline.check_verify_targets(summary, dict(analysis, paired={"auc": 0.84}))}
+    assert not met["SPRM paired step AUC >= 0.85"] and met["SPRM step AUC >= 0.85"]
     low = {**summary, "metrics": dict(metrics, **{"bon_sprm@32": {"mean": 0.59}})}
     met = {name: ok for name, ok, _ in pipeline.check_verify_targets(low, analysis)}
     assert not met["BoN-SPRM@32 >= pass@1 + 10 points"] and not met["BoN-SPRM@32 > majority@32"]
@@ -261,5 +278,6 @@ def test_verify_demo_runs_end_to_end(tmp_path, capsys):
         assert expected in printed, expected
     run = json.loads((out / "demo_run.json").read_text())
     assert run["config"]["task_name"] == "verify" and run["config"]["max_completion_length"] == 18 + 11
-    assert {"head_step_auc", "bag_of_tokens_auc", "last_token_auc", "processbench"} <= set(run["verify"])
+    assert {"head_step_auc", "bag_of_tokens_auc", "last_token_auc", "processbench", "paired"} <= set(run["verify"])
+    assert run["config"]["sft_sprm_loss_weight"] == 1.0 and "paired: the trap's step" in printed
     assert "fact-update pointer chase" in (out / "checkpoint" / "README.md").read_text().lower()

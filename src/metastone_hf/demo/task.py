@@ -73,7 +73,8 @@ Public API: :func:`make_problem`, :func:`make_split`, :func:`teacher_completion`
 :data:`END_THINK`, :data:`ERROR_TYPES`; the long task: :func:`make_long_problem`,
 :func:`long_teacher_trajectory`, :class:`DemoTask`, :data:`TASKS`, :func:`get_task`; the verify task:
 :func:`make_verify_problem`, :func:`verify_teacher_trajectory`, :func:`classify_verify_errors`,
-:func:`verify_step_labels`, :func:`verify_processbench_trace`, :func:`current_facts`, :data:`VERIFY_ERROR_TYPES`.
+:func:`verify_step_labels`, :func:`verify_processbench_trace`, :func:`verify_paired_completions`,
+:func:`current_facts`, :data:`VERIFY_ERROR_TYPES`.
 Imports only the standard library at module level; ``transformers``/``tokenizers`` lazily.
 """
 
@@ -125,6 +126,7 @@ __all__ = [
     "verify_step_errors",
     "verify_step_labels",
     "verify_processbench_trace",
+    "verify_paired_completions",
 ]
 
 NODES = "abcdefgh"
@@ -760,6 +762,28 @@ def verify_processbench_trace(p: VerifyProblem, erroneous: bool) -> dict:
         node = fact[2]
     steps.append(f"{BOX_OPEN}{node}{BOX_CLOSE}")
     return {"id": f"verify-{p.uid}-{int(erroneous)}", "problem": p.prompt + THINK, "steps": steps, "label": label}
+
+
+def verify_paired_completions(p: VerifyProblem) -> tuple[str, str, int]:
+    """Two completions of ``p`` that differ in one step only: the perfect teacher's, and the same with the trap's step
+    citing the trap's overridden fact (then following the current facts from where that leads). Returns
+    ``(right, wrong, hop)`` with ``hop`` the index of the step that differs, the first wrong step of ``wrong``. The
+    prompt and the steps before ``hop`` are the same in both, so a scorer that tells the two steps apart checks the
+    cited fact, not the layout of the prompt."""
+    current = current_facts(p.facts)
+    completions, hop = [], None
+    for erroneous in (False, True):
+        node, steps = p.start, []
+        for index in range(p.hops):
+            fact = (node, ":", current[node])
+            if node == p.trap_key and (hop is None or hop == index):
+                hop = index
+                if erroneous:
+                    fact = (node, ":", p.trap_old)
+            steps.append(format_verify_step(node, fact))
+            node = fact[2]
+        completions.append(format_completion(steps, node))
+    return completions[0], completions[1], hop
 
 
 TASKS = {
