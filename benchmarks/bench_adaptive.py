@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -63,6 +64,29 @@ ADAPTIVE = {
 """Settings run with each signal. ``consensus_by="score"`` (SPRM: the best finished trajectory score reaches the
 value; the demo's head puts right trajectories at ~0.99999 and wrong ones at ~0.9995) has no counterpart without a
 verifier: the confidence signal runs those settings with its vote at 0.95."""
+SETTING_NAME = re.compile(r"w(\d+)(-low)?-(?:(score)(\.\d+)?|vote(0?\.\d+|1)|(stop-only))")
+
+
+def setting_fields(name: str) -> dict:
+    """The fields of setting ``name``: :data:`ADAPTIVE`'s, or read from the name's pattern ``w<warm-up>[-low]-`` then
+    ``score[.<value>]`` (score consensus, 0.9999 without a value), ``vote<value>`` or ``stop-only`` (no consensus);
+    ``-low`` keeps 10% of the warm-up candidates above the threshold, 90% without it."""
+    if name in ADAPTIVE:
+        return dict(ADAPTIVE[name])
+    match = SETTING_NAME.fullmatch(name)
+    if match is None:
+        raise SystemExit(
+            f"unknown adaptive setting {name!r}: use one of {list(ADAPTIVE)} or the pattern {SETTING_NAME.pattern}"
+        )
+    warmup, low, score, score_value, vote, _ = match.groups()
+    fields = {"warmup": int(warmup), "keep_percent": 10 if low else 90}
+    if score:
+        fields.update(consensus=float("0" + score_value) if score_value else 0.9999, consensus_by="score")
+    else:
+        fields["consensus"] = float(vote) if vote else None
+    return fields
+
+
 CONFIDENCE_WINDOW = 8  # tokens (the demo's candidates are 20-45 tokens long; DeepConf's 2048 is for long traces)
 
 
@@ -81,7 +105,8 @@ def parse_args() -> argparse.Namespace:
         "--settings",
         nargs="+",
         default=list(ADAPTIVE)[:7],
-        help=f"adaptive settings (default: the first 7 of {list(ADAPTIVE)})",
+        help=f"adaptive settings (default: the first 7 of {list(ADAPTIVE)}; others by the pattern "
+        "w<warm-up>[-low]-score[.<value>] | -vote<value> | -stop-only)",
     )
     parser.add_argument("--plot", default=None, help="the plot (default: docs/adaptive_<task>_accuracy_vs_tokens.png)")
     parser.add_argument("--json", default=None, help="write the measurements here")
@@ -285,7 +310,7 @@ def main() -> None:
             show(name, "-", row)
     for setting in args.settings:
         for signal in ("sprm", "confidence"):
-            fields = dict(ADAPTIVE[setting], signal=signal)
+            fields = dict(setting_fields(setting), signal=signal)
             options = {}
             if signal == "confidence":
                 fields["window"] = CONFIDENCE_WINDOW
