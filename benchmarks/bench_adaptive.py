@@ -13,8 +13,8 @@ Every setting answers the same held-out problems of a ``metastone demo`` task (`
 
 For each it prints the accuracy of the chosen answer with a 95% bootstrap interval over problems, generated tokens
 per question (stopped candidates included), candidates used and decode steps per question (steps in which the
-question had a row decoding; for the fixed strategies the longest candidate), and checks the issue's target: an
-adaptive SPRM setting inside Best-of-N@32's interval with at most 40% of its tokens. One plot per task goes to
+question had a row decoding; for the fixed strategies the longest candidate), and checks the target: an
+adaptive SPRM setting inside (or above) Best-of-N@32's interval with at most 40% of its tokens. One plot per task goes to
 ``--plot`` (default ``docs/adaptive_<task>_accuracy_vs_tokens.png``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_adaptive.py --task short --checkpoint /tmp/demo-short/checkpoint
@@ -328,18 +328,22 @@ def main() -> None:
     reference = next((r for r in results["best_of_n"] if r["n"] == max(args.budgets)), None)
     if reference is not None:
         print(
-            f"target: an adaptive SPRM setting with accuracy inside Best-of-N@{reference['n']}'s 95% interval "
+            f"target: an adaptive SPRM setting with accuracy inside (or above) Best-of-N@{reference['n']}'s 95% interval "
             f"[{100 * reference['ci_low']:.1f}, {100 * reference['ci_high']:.1f}] and <= 40% of its "
             f"{reference['tokens']:.1f} tokens/question ({0.4 * reference['tokens']:.1f})"
         )
         for signal in ("sprm", "confidence"):
             for row in results[signal]:
-                inside = reference["ci_low"] <= row["accuracy"] <= reference["ci_high"]
+                where = (
+                    "below"
+                    if row["accuracy"] < reference["ci_low"]
+                    else ("above" if row["accuracy"] > reference["ci_high"] else "inside")
+                )
                 share = row["tokens"] / reference["tokens"]
-                verdict = "MET" if inside and share <= 0.4 else "not met"
+                verdict = "MET" if where != "below" and share <= 0.4 else "not met"
                 print(
                     f"  {signal:<11}{row['setting']:<18} accuracy {100 * row['accuracy']:5.1f} "
-                    f"({'inside' if inside else 'outside'}), tokens {100 * share:5.1f}% of BoN@{reference['n']}: "
+                    f"({where}), tokens {100 * share:5.1f}% of BoN@{reference['n']}: "
                     f"{verdict}"
                 )
     print("SPRM vs confidence, same settings (intervals apart = the 95% intervals do not overlap):")
