@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,9 @@ import torch
 from metastone_hf import AdaptiveConfig
 from metastone_hf.demo import task
 from metastone_hf.demo.pipeline import DemoConfig, trained_demo_model
-from metastone_hf.metrics import bootstrap_ci
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import accuracy, cell  # the sibling benchmark's accuracy with its interval, and its table cell
 
 # name -> (signal-independent settings); each runs once with signal="sprm" and once with signal="confidence".
 ADAPTIVE = {
@@ -116,9 +119,6 @@ def parse_args() -> argparse.Namespace:
 
 def sync_part() -> None:
     """Host syncs per decode step: plain Best-of-N vs adaptive, one generate call, on bench_eval_batching's workload."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_eval_batching import QUESTIONS, DecodeCounter, build, counting_syncs, workload_kwargs
 
     from metastone_hf.evaluation import EVAL_PROTOCOLS, build_prompt_builder
@@ -199,22 +199,14 @@ def run(model, tokenizer, problems, n, seed, batch_size, max_new_tokens, **optio
                 tokens += [out.tokens_generated / len(batch)] * len(batch)
             used += [n] * len(batch)
             steps += out.num_generated_tokens.max(dim=1).values.tolist()
-    values = np.asarray(correct, dtype=float)
-    low, high = bootstrap_ci(values, 0.95)
     return {
-        "accuracy": float(values.mean()),
-        "ci_low": low,
-        "ci_high": high,
+        **accuracy(correct),
         "tokens": float(np.mean(tokens)),
         "candidates": float(np.mean(used)),
         "decode_steps": float(np.mean(steps)),
         "seconds": time.perf_counter() - start,
         "n": n,
     }
-
-
-def cell(row: dict) -> str:
-    return f"{100 * row['accuracy']:5.1f} [{100 * row['ci_low']:5.1f}, {100 * row['ci_high']:5.1f}]"
 
 
 def plot(results: dict, path: str, title: str) -> None:
