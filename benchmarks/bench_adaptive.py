@@ -67,13 +67,14 @@ ADAPTIVE = {
 """Settings run with each signal. ``consensus_by="score"`` (SPRM: the best finished trajectory score reaches the
 value; the demo's head puts right trajectories at ~0.99999 and wrong ones at ~0.9995) has no counterpart without a
 verifier: the confidence signal runs those settings with its vote at 0.95."""
-SETTING_NAME = re.compile(r"w(\d+)(-low)?-(?:(score)(\.\d+)?|vote(0?\.\d+|1)|(stop-only))")
+SETTING_NAME = re.compile(r"w(\d+)(-low)?-(?:(score)(\.\d+)?|vote(0?\.\d+|1)|(stop-only))(?:-p(\d+))?(?:-win(\d+))?")
 
 
 def setting_fields(name: str) -> dict:
     """The fields of setting ``name``: :data:`ADAPTIVE`'s, or read from the name's pattern ``w<warm-up>[-low]-`` then
     ``score[.<value>]`` (score consensus, 0.9999 without a value), ``vote<value>`` or ``stop-only`` (no consensus);
-    ``-low`` keeps 10% of the warm-up candidates above the threshold, 90% without it."""
+    ``-low`` keeps 10% of the warm-up candidates above the threshold, 90% without it; a suffix ``-p<k>`` sets
+    ``parallel`` (candidates in flight after the warm-up) and ``-win<k>`` the SPRM ``window`` (steps)."""
     if name in ADAPTIVE:
         return dict(ADAPTIVE[name])
     match = SETTING_NAME.fullmatch(name)
@@ -81,8 +82,12 @@ def setting_fields(name: str) -> dict:
         raise SystemExit(
             f"unknown adaptive setting {name!r}: use one of {list(ADAPTIVE)} or the pattern {SETTING_NAME.pattern}"
         )
-    warmup, low, score, score_value, vote, _ = match.groups()
+    warmup, low, score, score_value, vote, _, parallel, window = match.groups()
     fields = {"warmup": int(warmup), "keep_percent": 10 if low else 90}
+    if parallel:
+        fields["parallel"] = int(parallel)
+    if window:
+        fields["window"] = int(window)
     if score:
         fields.update(consensus=float("0" + score_value) if score_value else 0.9999, consensus_by="score")
     else:
