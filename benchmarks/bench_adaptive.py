@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -67,14 +68,17 @@ ADAPTIVE = {
 """Settings run with each signal. ``consensus_by="score"`` (SPRM: the best finished trajectory score reaches the
 value; the demo's head puts right trajectories at ~0.99999 and wrong ones at ~0.9995) has no counterpart without a
 verifier: the confidence signal runs those settings with its vote at 0.95."""
-SETTING_NAME = re.compile(r"w(\d+)(-low)?-(?:(score)(\.\d+)?|vote(0?\.\d+|1)|(stop-only))(?:-p(\d+))?(?:-win(\d+))?")
+SETTING_NAME = re.compile(
+    r"w(\d+)(-low)?-(?:(score)(\.\d+)?|vote(0?\.\d+|1)|(stop-only))(?:-p(\d+))?(?:-win(\d+))?(?:-floor(\.\d+))?"
+)
 
 
 def setting_fields(name: str) -> dict:
     """The fields of setting ``name``: :data:`ADAPTIVE`'s, or read from the name's pattern ``w<warm-up>[-low]-`` then
     ``score[.<value>]`` (score consensus, 0.9999 without a value), ``vote<value>`` or ``stop-only`` (no consensus);
     ``-low`` keeps 10% of the warm-up candidates above the threshold, 90% without it; a suffix ``-p<k>`` sets
-    ``parallel`` (candidates in flight after the warm-up) and ``-win<k>`` the SPRM ``window`` (steps)."""
+    ``parallel`` (candidates in flight after the warm-up), ``-win<k>`` the SPRM ``window`` (steps) and ``-floor.<s>``
+    the SPRM ``threshold_floor`` as a step score (its log; the confidence signal runs without it)."""
     if name in ADAPTIVE:
         return dict(ADAPTIVE[name])
     match = SETTING_NAME.fullmatch(name)
@@ -82,12 +86,14 @@ def setting_fields(name: str) -> dict:
         raise SystemExit(
             f"unknown adaptive setting {name!r}: use one of {list(ADAPTIVE)} or the pattern {SETTING_NAME.pattern}"
         )
-    warmup, low, score, score_value, vote, _, parallel, window = match.groups()
+    warmup, low, score, score_value, vote, _, parallel, window, floor = match.groups()
     fields = {"warmup": int(warmup), "keep_percent": 10 if low else 90}
     if parallel:
         fields["parallel"] = int(parallel)
     if window:
         fields["window"] = int(window)
+    if floor:
+        fields["threshold_floor"] = math.log(float("0" + floor))
     if score:
         fields.update(consensus=float("0" + score_value) if score_value else 0.9999, consensus_by="score")
     else:
@@ -311,6 +317,7 @@ def main() -> None:
             options = {}
             if signal == "confidence":
                 fields["window"] = CONFIDENCE_WINDOW
+                fields.pop("threshold_floor", None)  # a log step score: no meaning for a token confidence
                 if fields.get("consensus_by") == "score":  # no trajectory score without a verifier: the vote
                     fields.update(consensus_by="vote", consensus=0.95)
                 options["selection"] = "sprm_vote"  # with the confidence signal: the confidence-weighted vote

@@ -106,6 +106,34 @@ def test_threshold_is_the_percentile_of_the_warmup_candidates_only(model, window
     assert changed, "the later candidates should have moved the percentile (the test would not discriminate)"
 
 
+def test_threshold_floor_raises_a_low_warmup_percentile(model):
+    # keep_percent=100: the warm-up sets no threshold, so the floor alone is the later candidates' threshold; with a
+    # percentile, the threshold is the larger of the two.
+    warmup = 3
+    plain = generate(model, n=8, adaptive=AdaptiveConfig(warmup=warmup, keep_percent=40.0, consensus=None))
+    unstopped = generate(model, n=8, adaptive=AdaptiveConfig(warmup=warmup, keep_percent=100.0, consensus=None))
+    for b in range(2):
+        stats = [reference_statistic(unstopped, b, j, 1) for j in range(8)]  # every candidate run to its end
+        later = sorted(s for s in stats[warmup:] if math.isfinite(s))
+        middle = len(later) // 2
+        floor = (later[middle - 1] + later[middle]) / 2  # between two candidates (no float32 tie): stops about half
+        for keep, expected in ((100.0, floor), (40.0, max(floor, float(plain.adaptive_threshold[b])))):
+            out = generate(
+                model,
+                n=8,
+                adaptive=AdaptiveConfig(warmup=warmup, keep_percent=keep, consensus=None, threshold_floor=floor),
+            )
+            assert float(out.adaptive_threshold[b]) == pytest.approx(expected, abs=1e-6)
+            assert not bool(out.pruned[b, :warmup].any())  # the warm-up runs to its end, floor or not
+            got = [reference_statistic(out, b, j, 1) for j in range(8)]
+            for j in range(warmup, 8):
+                assert bool(out.pruned[b, j]) == (got[j] < expected), (b, keep, j)
+            if keep == 100.0:  # the floor alone stops some later candidates, not all (the test discriminates)
+                assert bool(out.pruned[b, warmup:].any()) and not bool(out.pruned[b, warmup:].all())
+    with pytest.raises(ValueError, match="threshold_floor"):
+        generate(model, adaptive=AdaptiveConfig(threshold_floor=float("nan")))
+
+
 @pytest.mark.parametrize("signal", ["sprm", "confidence"])
 def test_stopped_candidates_are_never_chosen_over_finished_ones(model, signal):
     # A selection that takes the last candidate it is offered: were stopped candidates offered, a stopped last
@@ -301,6 +329,9 @@ def test_percentile_is_numpys_and_parse_adaptive_reads_the_cli_syntax():
     name, fields = parse_adaptive("confidence:warmup=8,keep_percent=10,consensus=none,window=64")
     assert name == "confidence:warmup=8,keep_percent=10,consensus=none,window=64"
     assert fields == {"signal": "confidence", "warmup": 8, "keep_percent": 10.0, "consensus": None, "window": 64}
-    for bad in ("sprm:warmpu=2", "sprm:warmup=two", "spam", "sprm:keep_percent=0"):
+    assert parse_adaptive("sprm:threshold_floor=-0.0027,consensus_by=score")[1] == {
+        "signal": "sprm", "threshold_floor": -0.0027, "consensus_by": "score"
+    }  # fmt: skip
+    for bad in ("sprm:warmpu=2", "sprm:warmup=two", "spam", "sprm:keep_percent=0", "sprm:threshold_floor=inf"):
         with pytest.raises(ValueError):
             parse_adaptive(bad)

@@ -78,6 +78,12 @@ class AdaptiveConfig:
         parallel: candidates of a prompt in flight after the warm-up (default: ``warmup``); a finished or stopped
             candidate's slot takes the prompt's next one in the next decode step. With ``max_active_rows``, a prompt
             reserves ``max(warmup, parallel)`` rows.
+        threshold_floor: a lower bound on the threshold of the candidates after the warm-up, in the statistic's
+            units (``"sprm"``: a log step score, e.g. ``math.log(0.99)``; ``"confidence"``: a token confidence):
+            their threshold is ``max(warm-up percentile, threshold_floor)``, so a candidate stops at a step the head
+            scores below the floor even when every warm-up candidate went wrong and set a low percentile. ``None``
+            (default): the percentile alone, as DeepConf. Calibrate it on held-out questions (e.g. a low percentile
+            of the statistic of right candidates); with ``keep_percent=100`` it is the threshold.
     """
 
     signal: str = "sprm"
@@ -88,6 +94,7 @@ class AdaptiveConfig:
     consensus_by: str = "vote"
     confidence_top_k: int = 20
     parallel: int | None = None
+    threshold_floor: float | None = None
 
     @property
     def window_size(self) -> int:
@@ -118,6 +125,14 @@ class AdaptiveConfig:
             raise ValueError(f"`adaptive.warmup`={self.warmup} exceeds N={num_candidates}.")
         if not 0.0 < float(self.keep_percent) <= 100.0:
             raise ValueError(f"`adaptive.keep_percent` must be in (0, 100], got {self.keep_percent!r}.")
+        if self.threshold_floor is not None and (
+            isinstance(self.threshold_floor, bool)
+            or not isinstance(self.threshold_floor, (int, float))
+            or not math.isfinite(self.threshold_floor)
+        ):
+            raise ValueError(
+                f"`adaptive.threshold_floor` must be a finite number or None, got {self.threshold_floor!r}."
+            )
         if self.consensus is not None and not 0.0 < float(self.consensus) <= 1.0:
             raise ValueError(f"`adaptive.consensus` must be in (0, 1] or None, got {self.consensus!r}.")
         if self.consensus_by not in CONSENSUS_BY:

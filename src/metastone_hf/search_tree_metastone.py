@@ -570,6 +570,8 @@ class StepSearch:
             progress.warm = True
             if config.keep_percent < 100:  # from the warm-up candidates only: nothing else has run yet
                 progress.threshold = percentile([f.statistic for f in progress.ended], 100.0 - config.keep_percent)
+            if config.threshold_floor is not None:
+                progress.threshold = max(progress.threshold, float(config.threshold_floor))
         if progress.stopping:
             return 0
         if config.consensus is not None and self.consensus(prompt) >= config.consensus:
