@@ -196,9 +196,12 @@ class RowwiseSampler:
             if index is None:
                 return (scores, kept) if untruncated else scores
             if out is logits:
-                out, before = logits.clone(), logits.clone()
+                out = logits.clone()
+                if untruncated:  # a second [R, V] copy only when the caller reads it
+                    before = logits.clone()
             out[index] = scores
-            before[index] = kept
+            if untruncated:
+                before[index] = kept
         return (out, before) if untruncated else out
 
     def stopped(
