@@ -747,21 +747,31 @@ def verify_step_labels(p: VerifyProblem, completion: str) -> list:
     return labels
 
 
+def _verify_perfect_path(p: VerifyProblem, erroneous: bool) -> tuple[list, str, int]:
+    """The perfect teacher's steps of ``p`` (``erroneous=True``: its first step at the trap cites the trap's
+    overridden fact instead, then the current facts from where that leads): ``(steps, final node, trap hop)``, the
+    trap hop being the index of that step (the same on both paths, whose earlier steps are the same)."""
+    current = current_facts(p.facts)
+    node, steps, trap_hop = p.start, [], None
+    for index in range(p.hops):
+        fact = (node, ":", current[node])
+        if node == p.trap_key and trap_hop is None:
+            trap_hop = index
+            if erroneous:
+                fact = (node, ":", p.trap_old)
+        steps.append(format_verify_step(node, fact))
+        node = fact[2]
+    return steps, node, trap_hop
+
+
 def verify_processbench_trace(p: VerifyProblem, erroneous: bool) -> dict:
     """A ProcessBench-format row for ``p``: the perfect teacher's steps (each ending with a full stop, so that
     ``"\\n\\n".join`` writes the step token), then the boxed answer; ``erroneous=True`` cites the trap's overridden fact
     and continues correctly from there, so the first wrong paragraph (``label``) is the trap's hop, else ``-1``."""
-    current = current_facts(p.facts)
-    node, steps, label = p.start, [], -1
-    for hop in range(p.hops):
-        if erroneous and node == p.trap_key and label == -1:
-            fact, label = (node, ":", p.trap_old), hop
-        else:
-            fact = (node, ":", current[node])
-        steps.append(format_verify_step(node, fact) + ".")
-        node = fact[2]
-    steps.append(f"{BOX_OPEN}{node}{BOX_CLOSE}")
-    return {"id": f"verify-{p.uid}-{int(erroneous)}", "problem": p.prompt + THINK, "steps": steps, "label": label}
+    steps, final, trap_hop = _verify_perfect_path(p, erroneous)
+    label = trap_hop if erroneous else -1
+    paragraphs = [step + "." for step in steps] + [f"{BOX_OPEN}{final}{BOX_CLOSE}"]
+    return {"id": f"verify-{p.uid}-{int(erroneous)}", "problem": p.prompt + THINK, "steps": paragraphs, "label": label}
 
 
 def verify_paired_completions(p: VerifyProblem) -> tuple[str, str, int]:
@@ -770,20 +780,8 @@ def verify_paired_completions(p: VerifyProblem) -> tuple[str, str, int]:
     ``(right, wrong, hop)`` with ``hop`` the index of the step that differs, the first wrong step of ``wrong``. The
     prompt and the steps before ``hop`` are the same in both, so a scorer that tells the two steps apart checks the
     cited fact, not the layout of the prompt."""
-    current = current_facts(p.facts)
-    completions, hop = [], None
-    for erroneous in (False, True):
-        node, steps = p.start, []
-        for index in range(p.hops):
-            fact = (node, ":", current[node])
-            if node == p.trap_key and (hop is None or hop == index):
-                hop = index
-                if erroneous:
-                    fact = (node, ":", p.trap_old)
-            steps.append(format_verify_step(node, fact))
-            node = fact[2]
-        completions.append(format_completion(steps, node))
-    return completions[0], completions[1], hop
+    (right, right_end, hop), (wrong, wrong_end, _) = (_verify_perfect_path(p, erroneous) for erroneous in (False, True))
+    return format_completion(right, right_end), format_completion(wrong, wrong_end), hop
 
 
 TASKS = {
