@@ -252,16 +252,21 @@ class StepSearch:
         candidate, counts = self.rule.update(new_tokens)
         candidate &= self.alive
         counts &= self.alive
+        head_logits = None  # every row's head logit, when the SPRM signal needs them anyway
         if self.signal_state is not None:  # the running statistics, on the device (no host sync)
             if confidence is not None:
                 values, take = confidence, self.alive
             else:
-                values, take = F.logsigmoid(self.model.sprm_logits_from_features(features).float().reshape(-1)), counts
+                head_logits = self.model.sprm_logits_from_features(features).float().reshape(-1)
+                values, take = F.logsigmoid(head_logits), counts
             rows.signal = self.signal_state.update(rows.signal, values, take)
 
         def record() -> None:
             steps = candidate.nonzero().flatten()
-            step_logits = self.model.sprm_logits_from_features(features[steps]).float()
+            if head_logits is None:
+                step_logits = self.model.sprm_logits_from_features(features[steps]).float()
+            else:  # already computed for every row: not a second head pass over the step rows
+                step_logits = head_logits[steps]
             # One host read for the rows, positions and logits (float64 holds each of them exactly).
             host = torch.stack([steps.double(), position[steps].double(), step_logits.double()]).tolist()
             for i, at, logit in zip(*host):
