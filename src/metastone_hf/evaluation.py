@@ -414,6 +414,21 @@ ADAPTIVE_PREFIX = "adaptive:"
 """Run and metric keys of adaptive-compute settings (``metastone eval --adaptive``): ``"adaptive:<name>"``."""
 
 
+def run_accuracy(runs: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> dict[str, float]:
+    """Accuracy of one strategy's runs (one per question: the answer it chose) with its bootstrap interval, and the
+    tokens it generated per question."""
+    from .metrics import bootstrap_ci
+
+    right = np.array([float(chosen_correct(run)) for run in runs])
+    low, high = bootstrap_ci(right, confidence)
+    return {
+        "mean": float(right.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "tokens_per_question": float(np.mean([run["tokens_generated"] for run in runs])),
+    }
+
+
 def summarize_records(
     records: Sequence[Mapping[str, Any]],
     budgets: dict[str, int] | Sequence[int],
@@ -427,7 +442,7 @@ def summarize_records(
     be compared at equal budget. Also: ``unparsable_golds`` (questions whose gold answer math-verify cannot parse,
     graded wrong) and ``throughput`` (per process: seconds, tokens/s, peak memory).
     """
-    from .metrics import SCALING_METHODS, bootstrap_ci, budget_items, metric_key
+    from .metrics import SCALING_METHODS, budget_items, metric_key
 
     labelled = budget_items(budgets)
     if records and "best_of_n" in records[0]["results"]:
@@ -456,27 +471,15 @@ def summarize_records(
             runs = [r["results"].get(f"{search}@{n}") for r in records]
             if not records or any(run is None for run in runs):
                 continue
-            right = np.array([float(chosen_correct(run)) for run in runs])
-            low, high = bootstrap_ci(right, confidence)
-            summary["metrics"][metric_key(search, n, label)] = {
-                "mean": float(right.mean()),
-                "ci_low": low,
-                "ci_high": high,
-                "tokens_per_question": float(np.mean([run["tokens_generated"] for run in runs])),
-            }
+            summary["metrics"][metric_key(search, n, label)] = run_accuracy(runs, confidence)
     for key in dict.fromkeys(k for r in records[:1] for k in r["results"] if k.startswith(ADAPTIVE_PREFIX)):
         runs = [r["results"].get(key) for r in records]
         if any(run is None for run in runs):
             continue
-        right = np.array([float(chosen_correct(run)) for run in runs])
-        low, high = bootstrap_ci(right, confidence)
         summary["metrics"][key] = {
-            "mean": float(right.mean()),
-            "ci_low": low,
-            "ci_high": high,
+            **run_accuracy(runs, confidence),
             "n": int(runs[0]["n"]),
             "adaptive": runs[0].get("adaptive"),
-            "tokens_per_question": float(np.mean([run["tokens_generated"] for run in runs])),
             "decode_steps_per_question": float(np.mean([run["decode_steps"] for run in runs])),
             "candidates_per_question": float(np.mean([run["candidates_used"] for run in runs])),
             "stopped_per_question": float(np.mean([sum(run["stopped"]) for run in runs])),
