@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -45,3 +46,17 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def demo_completion_steps(completion: str, step_pattern: re.Pattern) -> list[tuple[str, ...]]:
+    """The steps of a well-formed demo completion, each as ``step_pattern``'s groups: split on the step text inside
+    the think span by hand, independently of the task's own parser."""
+    body = completion.split("<think>", 1)[1].split("</think>", 1)[0]
+    pieces = body.split(".\n\n")
+    assert pieces[-1] == ""
+    steps = []
+    for piece in pieces[:-1]:
+        match = step_pattern.fullmatch(piece)
+        assert match, piece
+        steps.append(match.groups())
+    return steps

@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import demo_completion_steps
 
 from metastone_hf.cli import main
 from metastone_hf.demo import pipeline, task
@@ -51,15 +52,7 @@ def sloppy_walk(listed: list, node: str, edges: int) -> str:
 
 def parse_steps(completion: str) -> list[tuple[str, str]]:
     """The steps of a well-formed completion as (node, cited value), by a regex independent of the task's."""
-    body = completion.split("<think>", 1)[1].split("</think>", 1)[0]
-    pieces = body.split(".\n\n")
-    assert pieces[-1] == ""
-    steps = []
-    for piece in pieces[:-1]:
-        match = STEP.fullmatch(piece)
-        assert match, piece
-        steps.append(match.groups())
-    return steps
+    return demo_completion_steps(completion, STEP)
 
 
 def hand_completion(values: list, start: str) -> str:
